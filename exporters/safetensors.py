@@ -1,0 +1,176 @@
+"""Sharded safetensors output, written tensor by tensor.
+
+Where no dtype cast is asked, a tensor's bytes go from the source file to the output file with
+``os.copy_file_range`` (the kernel copies, copy-on-write filesystems may share extents, and the
+bytes never enter Python); a cast reads, converts and writes fixed-size chunks. Memory use is
+therefore independent of model size.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.checkpoint import DTYPE_SIZES, FLOAT_DTYPES, INDEX_FILENAME, TensorEntry
+
+SAFETENSORS_DTYPE = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+_CAST_CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements (16 MB of fp32) per cast step
+_COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output: its new name, where its bytes come from, and its stored dtype."""
+
+    name: str
+    source: TensorEntry
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel * DTYPE_SIZES[self.dtype]
+
+
+def output_dtype(source_dtype: str, cast: str | None) -> str:
+    """The stored dtype: floating-point tensors take the cast, others (int buffers) keep theirs."""
+    if cast is None or source_dtype not in FLOAT_DTYPES:
+        return source_dtype
+    return SAFETENSORS_DTYPE[cast]
+
+
+def layout_shards(tensors: Sequence[OutputTensor], max_shard_size: int) -> list[tuple[str, list[OutputTensor]]]:
+    """Split tensors, in order, into shards of at most ``max_shard_size`` bytes, named as transformers does.
+
+    A tensor larger than the limit gets a shard of its own. One shard is ``model.safetensors``;
+    more are ``model-00001-of-0000N.safetensors``.
+
+    Example:
+        >>> layout_shards([], 10)
+        []
+    """
+    groups: list[list[OutputTensor]] = []
+    size = 0
+    for tensor in tensors:
+        if not groups or (size + tensor.nbytes > max_shard_size and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    total = len(groups)
+    return [(f"model-{i:05d}-of-{total:05d}.safetensors", group) for i, group in enumerate(groups, start=1)]
+
+
+def _header(tensors: Sequence[OutputTensor]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.source.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text
+
+
+def _copy_range(src: int, dst: int, start: int, count: int, dst_offset: int) -> None:
+    """Copy ``count`` bytes kernel-side; fall back to pread/pwrite where the kernel cannot."""
+    done = 0
+    try:
+        while done < count:
+            n = os.copy_file_range(src, dst, count - done, start + done, dst_offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "source file ended early")
+            done += n
+        return
+    except OSError as exc:
+        if exc.errno not in _COPY_FALLBACK_ERRNOS:
+            raise
+    while done < count:
+        chunk = os.pread(src, min(count - done, 64 << 20), start + done)
+        if not chunk:
+            raise OSError(errno.EIO, "source file ended early")
+        os.pwrite(dst, chunk, dst_offset + done)
+        done += len(chunk)
+
+
+def _cast_range(src: int, dst: int, tensor: OutputTensor, dst_offset: int) -> None:
+    """Convert a tensor chunk by chunk (element-wise, so chunks are exact) and write it."""
+    import torch
+
+    torch_dtype = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    src_size = DTYPE_SIZES[tensor.source.dtype]
+    numel = tensor.source.numel
+    for first in range(0, numel, _CAST_CHUNK_ELEMENTS):
+        count = min(_CAST_CHUNK_ELEMENTS, numel - first)
+        raw = bytearray(os.pread(src, count * src_size, tensor.source.start + first * src_size))
+        if len(raw) != count * src_size:
+            raise OSError(errno.EIO, f"{tensor.source.file} ended early")
+        values = torch.frombuffer(raw, dtype=torch_dtype[tensor.source.dtype]).to(torch_dtype[tensor.dtype])
+        os.pwrite(dst, values.view(torch.uint8).numpy().tobytes(), dst_offset + first * DTYPE_SIZES[tensor.dtype])
+
+
+def write_shards(
+    directory: Path,
+    shards: Sequence[tuple[str, Sequence[OutputTensor]]],
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Write the shards, and ``model.safetensors.index.json`` when there is more than one.
+
+    Args:
+        directory: an existing, empty directory (a staging directory).
+        shards: from :func:`layout_shards`.
+        on_bytes: called with the bytes written after each tensor (progress).
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> from surgery.checkpoint import read_header
+        >>> d = Path(tempfile.mkdtemp())
+        >>> safetensors.torch.save_file({"w": torch.ones(4)}, str(d / "src.safetensors"))
+        >>> entry = read_header(d / "src.safetensors")[0]["w"]
+        >>> out = d / "out"; out.mkdir()
+        >>> write_shards(out, layout_shards([OutputTensor("v", entry, "BF16")], 10**9))
+        >>> safetensors.torch.load_file(str(out / "model.safetensors"))["v"].dtype
+        torch.bfloat16
+    """
+    sources: dict[Path, int] = {}
+    try:
+        for filename, tensors in shards:
+            header = _header(tensors)
+            fd = os.open(directory / filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, header)
+                offset = len(header)
+                for tensor in tensors:
+                    path = tensor.source.file
+                    if path not in sources:
+                        sources[path] = os.open(path, os.O_RDONLY)
+                    if tensor.dtype == tensor.source.dtype:
+                        _copy_range(sources[path], fd, tensor.source.start, tensor.nbytes, offset)
+                    else:
+                        _cast_range(sources[path], fd, tensor, offset)
+                    offset += tensor.nbytes
+                    if on_bytes is not None:
+                        on_bytes(tensor.nbytes)
+            finally:
+                os.close(fd)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+    if len(shards) > 1:
+        total = sum(t.nbytes for _, tensors in shards for t in tensors)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: filename for filename, tensors in shards for t in tensors},
+        }
+        (directory / INDEX_FILENAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,262 @@
+"""The Python API: one function per CLI verb, each building a :class:`~surgery.plan.Plan` and calling the engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict, Unpack
+
+from surgery.architecture import detect, load_config
+from surgery.checkpoint import read_tensor_index
+from surgery.engine import SurgeryResult, _human, _tensor_names, execute
+from surgery.errors import OptionError
+from surgery.plan import Plan, Recipe, WriteOptions, parse_size
+from surgery.source import Source, open_source
+
+PathLike = str | os.PathLike[str]
+
+
+class Options(TypedDict, total=False):
+    """Options shared by every writing function (and CLI verb).
+
+    dtype: ``bf16``/``fp16``/``fp32`` cast of floating-point weights (default: keep).
+    max_shard_size: largest output shard, bytes or a string such as ``2GB`` (default 5GB).
+    force: replace an existing output directory.
+    dry_run: print the plan and sizes, write nothing.
+    quiet: no progress bar.
+    allow_pickle: accept ``.bin``/``.pt`` weights, loaded with ``weights_only=True``.
+    trust_remote_code: allow a model whose code ships in its repository.
+    """
+
+    dtype: str | None
+    max_shard_size: int | str | None
+    force: bool
+    dry_run: bool
+    quiet: bool
+    allow_pickle: bool
+    trust_remote_code: bool
+
+
+def _run(model: PathLike | None, out: PathLike | None, build: Callable[[int], Plan], options: Options) -> SurgeryResult:
+    source = open_source(model, allow_pickle=options.get("allow_pickle", False), quiet=options.get("quiet", False))
+    config = load_config(source.path, trust_remote_code=options.get("trust_remote_code", False))
+    num_layers = int(config.get_text_config().num_hidden_layers)
+    plan = build(num_layers)
+    size = options.get("max_shard_size")
+    write = WriteOptions(dtype=options.get("dtype"), max_shard_size=parse_size(size) if size else WriteOptions.max_shard_size)
+    return _execute(source, out, Recipe(plan=plan, options=write, source=source.name), options)
+
+
+def _execute(source: Source, out: PathLike | None, recipe: Recipe, options: Options) -> SurgeryResult:
+    return execute(
+        source,
+        Path(out) if out is not None else None,
+        recipe,
+        force=options.get("force", False),
+        dry_run=options.get("dry_run", False),
+        quiet=options.get("quiet", False),
+        trust_remote_code=options.get("trust_remote_code", False),
+    )
+
+
+def prune(
+    model: PathLike | None, out: PathLike | None, *, drop: str | None = None, keep: str | None = None,
+    **options: Unpack[Options],
+) -> SurgeryResult:
+    """Drop layers: ``drop`` names the layers to remove, or ``keep`` the ones to keep.
+
+    Args:
+        model: a model directory, ``.gguf`` file, Hub repo id, or None for the embedded default.
+        out: the output directory (None with ``dry_run=True``).
+        drop: ranges to remove, e.g. ``"10-20"`` or ``"3,7,10-12"``.
+        keep: ranges to keep, e.g. ``"0-9,21-29"`` (exclusive with ``drop``).
+        **options: see :class:`Options`.
+
+    Returns:
+        The :class:`~surgery.engine.SurgeryResult`.
+
+    Raises:
+        OptionError: both or neither of ``drop`` and ``keep``.
+        PlanError: a malformed range, an index out of range, or nothing left.
+
+    Example:
+        >>> import surgery
+        >>> result = surgery.prune(None, "out/smol-19", drop="10-20")  # doctest: +SKIP
+        >>> len(result.recipe.plan)  # doctest: +SKIP
+        19
+    """
+    if (drop is None) == (keep is None):
+        raise OptionError("give exactly one of drop (--drop) and keep (--keep)")
+    if drop is not None:
+        return _run(model, out, lambda n: Plan.drop(drop, n), options)
+    assert keep is not None  # narrowed by the check above
+    return _run(model, out, lambda n: Plan.keep(keep, n), options)
+
+
+def repeat(
+    model: PathLike | None, out: PathLike | None, *, layers: str, times: int = 2, **options: Unpack[Options]
+) -> SurgeryResult:
+    """Repeat the contiguous block ``layers`` ``times`` times in place.
+
+    Example:
+        >>> surgery.repeat(None, "out/rep", layers="8-15", times=2)  # doctest: +SKIP
+    """
+    return _run(model, out, lambda n: Plan.repeat(layers, times, n), options)
+
+
+def reorder(
+    model: PathLike | None, out: PathLike | None, *, reverse: str | None = None, shuffle: str | None = None,
+    seed: int = 0, order: str | None = None, **options: Unpack[Options],
+) -> SurgeryResult:
+    """Reverse or shuffle a contiguous block, or give an explicit order of all layers.
+
+    Args:
+        reverse: a block such as ``"4-25"`` to reverse.
+        shuffle: a block to shuffle with ``random.Random(seed)``.
+        seed: the shuffle seed.
+        order: every layer exactly once, e.g. ``"0,1,3,2,4-29"``.
+
+    Raises:
+        OptionError: not exactly one of ``reverse``, ``shuffle``, ``order``.
+
+    Example:
+        >>> surgery.reorder(None, "out/rev", reverse="4-25")  # doctest: +SKIP
+    """
+    given = [v for v in (reverse, shuffle, order) if v is not None]
+    if len(given) != 1:
+        raise OptionError("give exactly one of reverse (--reverse), shuffle (--shuffle) and order (--order)")
+    if reverse is not None:
+        return _run(model, out, lambda n: Plan.reverse(reverse, n), options)
+    if shuffle is not None:
+        return _run(model, out, lambda n: Plan.shuffle(shuffle, seed, n), options)
+    assert order is not None
+    return _run(model, out, lambda n: Plan.order(order, n), options)
+
+
+def apply(
+    model: PathLike | None, out: PathLike | None, plan: Plan | str | None = None, *,
+    recipe: PathLike | Recipe | None = None, **options: Unpack[Options],
+) -> SurgeryResult:
+    """Apply an explicit plan (a :class:`Plan` or range string) or a recipe file.
+
+    Args:
+        plan: e.g. ``"0-9,21-29,21-29"`` or a :class:`Plan`.
+        recipe: a recipe file, an output directory of this tool, or a :class:`Recipe`;
+            ``dtype``/``max_shard_size`` given here override the recipe's.
+
+    Example:
+        >>> surgery.apply(None, "out/x", "0-9,21-29,21-29")  # doctest: +SKIP
+        >>> surgery.apply(None, "out/y", recipe="out/x")  # doctest: +SKIP
+    """
+    if (plan is None) == (recipe is None):
+        raise OptionError("give exactly one of a plan (--layers) and a recipe (--recipe)")
+    if recipe is not None:
+        loaded = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+        size = options.get("max_shard_size")
+        write = WriteOptions(
+            dtype=options.get("dtype") or loaded.options.dtype,
+            max_shard_size=parse_size(size) if size else loaded.options.max_shard_size,
+        )
+        source = open_source(model, allow_pickle=options.get("allow_pickle", False), quiet=options.get("quiet", False))
+        return _execute(source, out, Recipe(plan=loaded.plan, options=write, source=source.name), options)
+    if isinstance(plan, Plan):
+        fixed = plan
+        return _run(model, out, lambda n: fixed, options)
+    assert isinstance(plan, str)
+    text = plan
+    return _run(model, out, lambda n: Plan.from_ranges(text, n), options)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer of :func:`inspect`'s report."""
+
+    index: int
+    params: int
+    bytes: int
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :func:`inspect` reports about a model."""
+
+    source: str
+    class_name: str
+    model_type: str
+    num_layers: int
+    layer_prefix: str
+    count_key: str
+    layers: list[LayerInfo]
+    other_params: int
+    other_bytes: int
+    shards: list[tuple[str, int]]
+
+    @property
+    def total_params(self) -> int:
+        return self.other_params + sum(layer.params for layer in self.layers)
+
+    def format(self) -> str:
+        """The human-readable report printed by ``surgery inspect``."""
+        lines = [
+            f"model: {self.source}",
+            f"architecture: {self.class_name} (model_type {self.model_type})",
+            f"layers: {self.num_layers} under '{self.layer_prefix}.N' (config field '{self.count_key}')",
+            f"parameters: {self.total_params:,} ({self.other_params:,} outside the layers)",
+        ]
+        fields = sorted({k for layer in self.layers for k in layer.config})
+        lines.append(" ".join(["layer", "params".rjust(12), "bytes".rjust(10), *fields]))
+        for layer in self.layers:
+            extra = [str(layer.config.get(k)) for k in fields]
+            lines.append(" ".join([f"{layer.index:>5}", f"{layer.params:>12,}", _human(layer.bytes).rjust(10), *extra]))
+        lines.append("shards:")
+        lines.extend(f"  {name}  {_human(size)}" for name, size in self.shards)
+        return "\n".join(lines)
+
+
+def inspect(model: PathLike | None, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelInfo:
+    """Report a model's architecture, layer stack, per-layer config, sizes and shards.
+
+    Args:
+        model: a model directory, ``.gguf`` file, Hub repo id, or None for the embedded default.
+
+    Returns:
+        The :class:`ModelInfo`.
+
+    Raises:
+        ModelNotFoundError, CheckpointError, UnsupportedArchitectureError, PickleRefusedError.
+
+    Example:
+        >>> print(surgery.inspect(None).format())  # doctest: +SKIP
+    """
+    source = open_source(model, allow_pickle=allow_pickle)
+    names, weight_map = _tensor_names(source)
+    if weight_map is not None:
+        source.fetch(sorted(set(weight_map.values())))
+    tensors = read_tensor_index(source.path)
+    arch = detect(source.path, names, trust_remote_code=trust_remote_code)
+    params = [0] * arch.num_layers
+    sizes = [0] * arch.num_layers
+    other_params = other_bytes = 0
+    for entry in tensors.values():
+        layer = arch.layer_of(entry.name)
+        if layer is None:
+            other_params += entry.numel
+            other_bytes += entry.nbytes
+        else:
+            params[layer] += entry.numel
+            sizes[layer] += entry.nbytes
+    shards: dict[str, int] = {}
+    for entry in tensors.values():
+        shards[entry.file.name] = max(shards.get(entry.file.name, 0), entry.file.stat().st_size)
+    layers = [
+        LayerInfo(i, params[i], sizes[i], {k: v[i] for k, v in arch.per_layer.items()})
+        for i in range(arch.num_layers)
+    ]
+    return ModelInfo(
+        source=source.name, class_name=arch.class_name, model_type=arch.model_type, num_layers=arch.num_layers,
+        layer_prefix=arch.layer_prefix, count_key=arch.count_key, layers=layers,
+        other_params=other_params, other_bytes=other_bytes, shards=sorted(shards.items()),
+    )

