@@ -96,7 +96,7 @@ class Source:
             rel = file.relative_to(self.path)
             if not file.is_file() or any(part.startswith(".") for part in rel.parts):
                 continue
-            if file.name in NOT_COPIED or file.name.endswith(WEIGHT_SUFFIXES):
+            if str(rel) in NOT_COPIED or file.name.endswith(WEIGHT_SUFFIXES):
                 continue
             out.append(file)
         return out

@@ -66,6 +66,9 @@ def build(name: str) -> Any:
 
 def save(name: str, directory: Path, max_shard_size: int | None = None) -> Path:
     """Save the tiny model as safetensors (sharded when ``max_shard_size`` is given)."""
+    import transformers
+
+    transformers.logging.disable_progress_bar()  # fixtures are built lazily, inside tests that read stderr
     model = build(name)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)

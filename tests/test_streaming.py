@@ -1,0 +1,169 @@
+"""The streaming writer: shards, dtype casts, tied embeddings, copied files, reproducible
+recipes, an untouched source, and no output left behind by a failed run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import surgery
+from surgery.checkpoint import read_tensor_index
+from tests import tiny
+
+transformers.logging.set_verbosity_error()
+
+
+def digest_tree(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def test_sharded_in_sharded_out(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    src = tiny_model("llama", max_shard_size=20_000)
+    assert len(list(src.glob("*.safetensors"))) > 2  # the source really is sharded
+    result = surgery.prune(src, tmp_path / "out", drop="2-3", max_shard_size="30KB", quiet=True)
+    shards = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) == len(result.shards) > 2
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    assert index["metadata"]["total_size"] == result.total_bytes
+    assert "model.layers.3.mlp.up_proj.weight" in index["weight_map"]
+    assert "model.layers.4.mlp.up_proj.weight" not in index["weight_map"]
+    # each renamed tensor holds the bytes of its source layer
+    src_tensors = read_tensor_index(src)
+    out_tensors = read_tensor_index(tmp_path / "out")
+    for new, old in [(2, 4), (3, 5), (0, 0)]:
+        name = f"model.layers.{{}}.self_attn.q_proj.weight"
+        a, b = src_tensors[name.format(old)], out_tensors[name.format(new)]
+        with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+            fa.seek(a.start)
+            fb.seek(b.start)
+            assert fa.read(a.nbytes) == fb.read(b.nbytes)
+
+
+def test_shard_size_is_respected_except_for_single_large_tensors(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    result = surgery.prune(tiny_model("llama"), tmp_path / "out", drop="0", max_shard_size=10_000, quiet=True)
+    biggest_tensor = max(e.nbytes for e in read_tensor_index(tmp_path / "out").values())
+    assert all(size <= max(10_000, biggest_tensor) for _, size in result.shards)
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dtype_cast(tiny_model: Callable[..., Path], tmp_path: Path, dtype: str, torch_dtype: torch.dtype) -> None:
+    src = tiny_model("llama")
+    surgery.prune(src, tmp_path / "out", drop="1", dtype=dtype, quiet=True)
+    with safe_open(str(src / "model.safetensors"), "pt") as original, safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as cast:
+        for name in cast.keys():
+            assert cast.get_tensor(name).dtype == torch_dtype
+        expected = original.get_tensor("model.layers.2.mlp.down_proj.weight").to(torch_dtype)
+        assert torch.equal(cast.get_tensor("model.layers.1.mlp.down_proj.weight"), expected)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+
+
+def test_cast_is_chunked_and_exact(tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cast in chunks smaller than a tensor gives the same bytes as one cast of the whole tensor."""
+    import exporters.safetensors
+
+    monkeypatch.setattr(exporters.safetensors, "_CAST_CHUNK_ELEMENTS", 37)
+    surgery.prune(tiny_model("llama"), tmp_path / "out", drop="1", dtype="bf16", quiet=True)
+    with safe_open(str(tiny_model("llama") / "model.safetensors"), "pt") as a, safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as b:
+        assert torch.equal(b.get_tensor("model.embed_tokens.weight"), a.get_tensor("model.embed_tokens.weight").bfloat16())
+
+
+def test_tied_embeddings_stay_tied(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    src = tiny_model("llama-tied")
+    assert "lm_head.weight" not in read_tensor_index(src)
+    surgery.prune(src, tmp_path / "out", drop="2", quiet=True)
+    assert "lm_head.weight" not in read_tensor_index(tmp_path / "out")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_other_files_are_copied_and_card_of_source_is_not(minilm_dir: Path, tmp_path: Path) -> None:
+    surgery.prune(minilm_dir, tmp_path / "out", drop="5", quiet=True)
+    out = tmp_path / "out"
+    for name in ["tokenizer.json", "vocab.txt", "special_tokens_map.json", "modules.json", "1_Pooling/config.json"]:
+        assert (out / name).read_bytes() == (minilm_dir / name).read_bytes(), name
+    # the source's README describes the 6-layer source model, not this one
+    assert not (out / "README.md").exists() or (out / "README.md").read_bytes() != (minilm_dir / "README.md").read_bytes()
+
+
+def test_recipe_reproduces_output_byte_for_byte(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    src = tiny_model("gemma3")
+    surgery.apply(src, tmp_path / "first", "0-2,4,4,1", dtype="bf16", max_shard_size="20KB", quiet=True)
+    surgery.apply(src, tmp_path / "second", recipe=tmp_path / "first" / "surgery-recipe.yaml", quiet=True)
+    surgery.apply(src, tmp_path / "third", recipe=tmp_path / "first", quiet=True)  # the directory works too
+    assert digest_tree(tmp_path / "first") == digest_tree(tmp_path / "second") == digest_tree(tmp_path / "third")
+    assert len(digest_tree(tmp_path / "first")) > 3
+
+
+def test_source_is_never_modified(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    src = tiny_model("qwen3")
+    before = digest_tree(src)
+    surgery.reorder(src, tmp_path / "out", reverse="0-5", dtype="fp16", quiet=True)
+    assert digest_tree(src) == before
+    with pytest.raises(surgery.errors.OptionError, match="overlaps the source"):
+        surgery.prune(src, src / "inside", drop="1", quiet=True)
+    assert digest_tree(src) == before
+
+
+def test_failed_run_leaves_nothing(tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import surgery.engine
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C while shards were being written
+
+    monkeypatch.setattr(surgery.engine, "write_shards", explode)
+    with pytest.raises(KeyboardInterrupt):
+        surgery.prune(tiny_model("llama"), tmp_path / "out", drop="1", quiet=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_force_replaces_only_after_success(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    surgery.prune(tiny_model("llama"), out, drop="1", quiet=True)
+    with pytest.raises(surgery.errors.OutputExistsError):
+        surgery.prune(tiny_model("llama"), out, drop="2", quiet=True)
+    surgery.prune(tiny_model("llama"), out, drop="2", force=True, quiet=True)
+    assert "layers: 0-1,3-5" in (out / "surgery-recipe.yaml").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_dry_run_writes_nothing_and_sizes_exactly(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    dry = surgery.prune(tiny_model("llama"), tmp_path / "dry", drop="1-2", dry_run=True)
+    assert not (tmp_path / "dry").exists()
+    real = surgery.prune(tiny_model("llama"), tmp_path / "real", drop="1-2", quiet=True)
+    assert dry.shards == real.shards
+    assert (tmp_path / "real" / "model.safetensors").stat().st_size > real.total_bytes  # header on top
+    assert dry.output_params < dry.source_params
+    assert "0 <- 0" in dry.summary() and "1 <- 3" in dry.summary()
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    model = tiny.build("llama")
+    src = tmp_path / "pickled"
+    src.mkdir()
+    model.config.save_pretrained(src)  # transformers 5 saves safetensors only: write the pickle ourselves
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    with pytest.raises(surgery.errors.PickleRefusedError) as refused:
+        surgery.prune(src, tmp_path / "out", drop="1", quiet=True)
+    assert "--allow-pickle" in refused.value.one_line()
+    assert not (tmp_path / "out").exists()
+    surgery.prune(src, tmp_path / "out", drop="1", allow_pickle=True, quiet=True)
+    reference = surgery.prune(tiny_model("llama"), tmp_path / "from-safetensors", drop="1", quiet=True)
+    a = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    b = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "from-safetensors")
+    ids = torch.arange(3, 15).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+    assert reference.output_params > 0
