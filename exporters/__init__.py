@@ -1,5 +1,9 @@
 """Writers of layer-surgery: each turns a planned model into files on disk (or elsewhere).
 
 * :mod:`exporters.staging` — the temporary-directory-then-rename discipline every writer uses;
-* :mod:`exporters.safetensors` — sharded safetensors, tensor bytes copied kernel-side.
+* :mod:`exporters.safetensors` — sharded safetensors, tensor bytes copied kernel-side;
+* :mod:`exporters.card` — the model card (README.md) of every output, updated by validation;
+* :mod:`exporters.hub` — push an output to the Hugging Face Hub in one commit (``surgery.push``);
+* :mod:`exporters.onnx` — ONNX graphs with KV cache, validated against PyTorch (``surgery.export_onnx``);
+* :mod:`exporters.onnx_runtime` — ONNX Runtime sessions on CPU or CUDA and the runner (``surgery.generate``).
 """

@@ -3,18 +3,22 @@
 Where no dtype cast is asked, a tensor's bytes go from the source file to the output file with
 ``os.copy_file_range`` (the kernel copies, copy-on-write filesystems may share extents, and the
 bytes never enter Python); a cast reads, converts and writes fixed-size chunks. Memory use is
-therefore independent of model size.
+therefore independent of model size. A :class:`ComputedSource` (a tensor made from several source
+tensors, such as the fused weights of a parallel block) is computed when its turn comes and
+written at once, so memory holds one such tensor at a time.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery.checkpoint import DTYPE_SIZES, FLOAT_DTYPES, INDEX_FILENAME, TensorEntry
 
@@ -24,11 +28,31 @@ _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINV
 
 
 @dataclass(frozen=True)
+class ComputedSource:
+    """A tensor made at write time rather than copied: e.g. several source tensors fused into one.
+
+    Attributes:
+        shape: the tensor's shape.
+        compute: returns the tensor (a ``torch.Tensor`` of ``shape``); it is cast to the output
+            dtype and written immediately, then dropped.
+        description: what the tensor is made of, for reports.
+    """
+
+    shape: tuple[int, ...]
+    compute: Callable[[], Any]
+    description: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
 class OutputTensor:
     """One tensor of the output: its new name, where its bytes come from, and its stored dtype."""
 
     name: str
-    source: TensorEntry
+    source: TensorEntry | ComputedSource
     dtype: str
 
     @property
@@ -108,6 +132,7 @@ def _cast_range(src: int, dst: int, tensor: OutputTensor, dst_offset: int) -> No
     import torch
 
     torch_dtype = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    assert isinstance(tensor.source, TensorEntry)
     src_size = DTYPE_SIZES[tensor.source.dtype]
     numel = tensor.source.numel
     for first in range(0, numel, _CAST_CHUNK_ELEMENTS):
@@ -117,6 +142,23 @@ def _cast_range(src: int, dst: int, tensor: OutputTensor, dst_offset: int) -> No
             raise OSError(errno.EIO, f"{tensor.source.file} ended early")
         values = torch.frombuffer(raw, dtype=torch_dtype[tensor.source.dtype]).to(torch_dtype[tensor.dtype])
         os.pwrite(dst, values.view(torch.uint8).numpy().tobytes(), dst_offset + first * DTYPE_SIZES[tensor.dtype])
+
+
+def _write_computed(dst: int, tensor: OutputTensor, source: ComputedSource, dst_offset: int) -> None:
+    """Compute one tensor, check its shape, cast it to the stored dtype and write its bytes."""
+    import torch
+
+    torch_dtype = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    value = source.compute()
+    if tuple(value.shape) != tuple(source.shape):
+        raise ValueError(f"{tensor.name}: computed shape {tuple(value.shape)} != planned {tuple(source.shape)}")
+    stored = value.detach().to("cpu", torch_dtype[tensor.dtype]).contiguous().reshape(-1)
+    data = memoryview(stored.view(torch.uint8).numpy())
+    if len(data) != tensor.nbytes:
+        raise ValueError(f"{tensor.name}: computed {len(data)} bytes, planned {tensor.nbytes}")
+    done = 0
+    while done < len(data):
+        done += os.pwrite(dst, data[done:], dst_offset + done)
 
 
 def write_shards(
@@ -152,6 +194,12 @@ def write_shards(
                 os.write(fd, header)
                 offset = len(header)
                 for tensor in tensors:
+                    if isinstance(tensor.source, ComputedSource):
+                        _write_computed(fd, tensor, tensor.source, offset)
+                        offset += tensor.nbytes
+                        if on_bytes is not None:
+                            on_bytes(tensor.nbytes)
+                        continue
                     path = tensor.source.file
                     if path not in sources:
                         sources[path] = os.open(path, os.O_RDONLY)

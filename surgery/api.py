@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ class Options(TypedDict, total=False):
     quiet: no progress bar.
     allow_pickle: accept ``.bin``/``.pt`` weights, loaded with ``weights_only=True``.
     trust_remote_code: allow a model whose code ships in its repository.
+    push_to_hub: a Hub repo id: once the output is complete, push it there (see :func:`surgery.push`).
+    private: with ``push_to_hub``, create the repository private.
+    token: with ``push_to_hub``, the Hugging Face token (default ``HF_TOKEN`` or the stored login).
+    onnx: once the output is complete, export it to ONNX (validated) into ``OUT/onnx``
+        (fp16 when ``dtype`` is fp16, else fp32; see :func:`exporters.onnx.export_onnx`).
     """
 
     dtype: str | None
@@ -37,6 +43,10 @@ class Options(TypedDict, total=False):
     quiet: bool
     allow_pickle: bool
     trust_remote_code: bool
+    push_to_hub: str | None
+    private: bool
+    token: str | None
+    onnx: bool
 
 
 def _run(model: PathLike | None, out: PathLike | None, build: Callable[[int], Plan], options: Options) -> SurgeryResult:
@@ -50,7 +60,8 @@ def _run(model: PathLike | None, out: PathLike | None, build: Callable[[int], Pl
 
 
 def _execute(source: Source, out: PathLike | None, recipe: Recipe, options: Options) -> SurgeryResult:
-    return execute(
+    _check_push_options(options)
+    result = execute(
         source,
         Path(out) if out is not None else None,
         recipe,
@@ -59,6 +70,64 @@ def _execute(source: Source, out: PathLike | None, recipe: Recipe, options: Opti
         quiet=options.get("quiet", False),
         trust_remote_code=options.get("trust_remote_code", False),
     )
+    result = _export_onnx_if_asked(source, result, options)
+    # Anything that completes the output (validation) runs before this line: the push is last.
+    _push_if_asked(result, options)
+    return result
+
+
+def _export_onnx_if_asked(source: Source, result: SurgeryResult, options: Options) -> SurgeryResult:
+    """With ``onnx``: export the complete output into ``OUT/onnx``. If that fails, a freshly written OUT
+    is removed, so the command leaves nothing behind (an OUT replaced with ``force`` stays, complete)."""
+    if not options.get("onnx") or result.dry_run or result.out is None:
+        return result
+    import dataclasses
+    import shutil
+
+    from exporters.onnx import export_source
+
+    out = result.out
+    # Wide-block outputs carry modelling code that this run has just written: trusting it trusts this tool.
+    trust = options.get("trust_remote_code", False) or bool(getattr(result.recipe.plan, "groups", None))
+    try:
+        exported = export_source(
+            open_source(out), out / "onnx", dtype="fp16" if options.get("dtype") == "fp16" else "fp32",
+            trust_remote_code=trust,
+        )
+    except BaseException:
+        if not options.get("force", False):  # OUT did not exist before this run
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return dataclasses.replace(result, onnx=exported)
+
+
+def _check_push_options(options: Options) -> None:
+    """Refuse push options without a target, and a bad repo id, before any work is done."""
+    repo_id = options.get("push_to_hub")
+    if repo_id is None:
+        if options.get("private") or options.get("token"):
+            raise OptionError("private (--private) and token (--token) apply only with push_to_hub (--push-to-hub)")
+        return
+    from exporters.hub import check_repo_id
+
+    check_repo_id(repo_id)
+
+
+def _push_if_asked(result: SurgeryResult, options: Options) -> None:
+    """Push the complete output to the Hub when ``push_to_hub`` names a repo (not on a dry run)."""
+    repo_id = options.get("push_to_hub")
+    if repo_id is None:
+        return
+    quiet = options.get("quiet", False)
+    if result.dry_run or result.out is None:
+        if not quiet:
+            sys.stderr.write(f"dry run: nothing written, so nothing pushed to {repo_id}\n")
+        return
+    from exporters.hub import push
+
+    pushed = push(result.out, repo_id, private=options.get("private", False), token=options.get("token"), quiet=quiet)
+    if not quiet:
+        sys.stderr.write(f"pushed {result.out} to {pushed.url} (commit {pushed.commit})\n")
 
 
 def prune(
@@ -260,3 +329,41 @@ def inspect(model: PathLike | None, *, allow_pickle: bool = False, trust_remote_
         layer_prefix=arch.layer_prefix, count_key=arch.count_key, layers=layers,
         other_params=other_params, other_bytes=other_bytes, shards=sorted(shards.items()),
     )
+
+
+def parallel(
+    model: PathLike | None, out: PathLike | None, *, groups: str, loop: int = 1, mlp_input: str = "exact",
+    **options: Unpack[Options],
+) -> SurgeryResult:
+    """Merge groups of consecutive layers into wide blocks that run them in parallel (optionally looped).
+
+    Each group of K layers becomes one block computing ``h' = (1/K) * sum_k L_k(h)``: the K
+    layers run on the same input and their outputs are averaged; ``loop`` applies every block
+    that many times in a row (weights stored once). The output is a Hugging Face model directory
+    with its modelling code inside: load it with
+    ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``.
+
+    Args:
+        model: a model directory, ``.gguf`` file, Hub repo id, or None for the embedded default.
+        out: the output directory (None with ``dry_run=True``).
+        groups: comma-separated ranges, one group each, e.g. ``"10-13,14-17"``.
+        loop: how many times in a row each merged group is applied (default 1).
+        mlp_input: ``"exact"`` (each branch's MLP sees its own residual: equal to the averaged
+            layers) or ``"shared"`` (every MLP sees ``h + mean_k attn_k(h)``: one layer of K·H heads
+            and K·I MLP width; an approximation, reported as such).
+        **options: see :class:`Options`.
+
+    Returns:
+        The :class:`~surgery.widen.ParallelResult`.
+
+    Raises:
+        ParallelGroupError: a group of one layer, overlapping groups, a group past the end, loop < 1.
+        ParallelMergeError: the architecture (or a group of it) cannot be merged exactly.
+        OptionError: an unknown ``mlp_input``.
+
+    Example:
+        >>> from surgery import parallel
+        >>> parallel(None, "out/smol-par", groups="10-13,14-17", loop=3)  # doctest: +SKIP
+        >>> # the plan: 0-9,[10-13]x3,[14-17]x3,18-29
+    """
+    return _run(model, out, lambda n: Plan.parallel(groups, loop, n, mlp_input=mlp_input), options)

@@ -144,14 +144,14 @@ class Architecture:
         scoped = self._scoped(new)
         scoped[self.count_key] = len(plan)
         for field, values in self.per_layer.items():
-            scoped[field] = [values[i] for i in plan.layers]
+            scoped[field] = [values[i] for _, i in plan.mapping()]
         for field, indices in self.index_lists.items():
             scoped[field] = [j for j, i in plan.mapping() if i in set(indices)]
         return new
 
     def expected_fields(self, plan: Plan) -> dict[str, list[Any]]:
         """What each per-layer field must read after loading the rewritten config."""
-        return {field: [values[i] for i in plan.layers] for field, values in self.per_layer.items()}
+        return {field: [values[i] for _, i in plan.mapping()] for field, values in self.per_layer.items()}
 
 
 def load_config(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
@@ -254,6 +254,37 @@ def _match_prefix(module_path: str, base_prefix: str, tensor_names: Iterable[str
     )
 
 
+def layer_fields(
+    derived: dict[str, Any], num_layers: int
+) -> tuple[dict[str, tuple[Any, ...]], dict[str, tuple[int, ...]]]:
+    """The config fields that follow the layers: one value per layer, and lists of layer indices.
+
+    Args:
+        derived: the (text) config as a dict, after the config class's own derivations.
+        num_layers: the layer count.
+
+    Returns:
+        ``(per_layer, index_lists)`` as in :class:`Architecture`.
+
+    Example:
+        >>> layer_fields({"layer_types": ["a", "b"], "mlp_only_layers": [1]}, 2)
+        ({'layer_types': ('a', 'b')}, {'mlp_only_layers': (1,)})
+    """
+    per_layer: dict[str, tuple[Any, ...]] = {}
+    index_lists: dict[str, tuple[int, ...]] = {}
+    for field, value in derived.items():
+        if field in INDEX_LIST_FIELDS and isinstance(value, list):
+            index_lists[field] = tuple(int(v) for v in value)
+        elif (
+            field not in NOT_PER_LAYER
+            and isinstance(value, list)
+            and len(value) == num_layers
+            and all(isinstance(v, (str, int, float, bool)) or v is None for v in value)
+        ):
+            per_layer[field] = tuple(value)
+    return per_layer, index_lists
+
+
 def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: bool = False) -> Architecture:
     """Find the layer stack of the model in ``model_dir``.
 
@@ -275,6 +306,12 @@ def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: b
         >>> arch.layer_prefix  # doctest: +SKIP
         'model.layers'
     """
+    if _raw_model_type(model_dir) == "surgery_parallel":
+        raise UnsupportedArchitectureError(
+            "surgery_parallel", "this checkpoint's parallel groups are already merged into wide blocks (surgery parallel), "
+            "so its layers are not a stack of identical layers to rewrite",
+            hint="rewrite its source instead: surgery apply SOURCE OUT --recipe THIS_DIR (its surgery-recipe.yaml)",
+        )
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
     raw = json.loads((model_dir / "config.json").read_text())
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -299,19 +336,7 @@ def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: b
     module_path = _find_stack(model, num_layers)
     prefix = _match_prefix(module_path, getattr(model, "base_model_prefix", ""), tensor_names, num_layers)
 
-    derived = text_config.to_dict()
-    per_layer: dict[str, tuple[Any, ...]] = {}
-    index_lists: dict[str, tuple[int, ...]] = {}
-    for field, value in derived.items():
-        if field in INDEX_LIST_FIELDS and isinstance(value, list):
-            index_lists[field] = tuple(int(v) for v in value)
-        elif (
-            field not in NOT_PER_LAYER
-            and isinstance(value, list)
-            and len(value) == num_layers
-            and all(isinstance(v, (str, int, float, bool)) or v is None for v in value)
-        ):
-            per_layer[field] = tuple(value)
+    per_layer, index_lists = layer_fields(text_config.to_dict(), num_layers)
     full = config.to_dict()
     return Architecture(
         model_type=model_type,

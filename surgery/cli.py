@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from surgery import api
 from surgery.engine import SurgeryResult
 from surgery.errors import OptionError, SurgeryError
 
+if TYPE_CHECKING:  # the measuring modules import torch: only when a measuring verb runs
+    from surgery.validate import MeasureOptions
+
 EXIT_USAGE = 2
+# A measurement that missed a --max-kl / --min-top1 / --min-cosine bar.
+EXIT_GATE = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +55,12 @@ def _writing() -> argparse.ArgumentParser:
     parent.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB)")
     parent.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parent.add_argument("--dry-run", action="store_true", help="print the layer mapping and output size, write nothing")
+    parent.add_argument("--onnx", action="store_true",
+                        help="once OUT is complete, export it to ONNX with KV cache into OUT/onnx, validated (see 'surgery export-onnx')")
+    hub = parent.add_argument_group("push to the Hugging Face Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="once OUT is complete, push it to this Hub repo (see 'surgery push')")
+    hub.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    hub.add_argument("--token", help="with --push-to-hub: Hugging Face token (default: HF_TOKEN, then the stored login)")
     return parent
 
 
@@ -70,6 +82,7 @@ def _options(args: argparse.Namespace) -> api.Options:
     return api.Options(
         dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force, dry_run=args.dry_run,
         quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        push_to_hub=args.push_to_hub, private=args.private, token=args.token, onnx=args.onnx,
     )
 
 
@@ -79,7 +92,7 @@ def _report(result: SurgeryResult, as_json: bool) -> None:
             "out": str(result.out) if result.out else None,
             "dry_run": result.dry_run,
             "plan": str(result.recipe.plan),
-            "layers": list(result.recipe.plan.layers),
+            "layers": [step if isinstance(step, int) else str(step) for step in result.recipe.plan.layers],
             "operations": list(result.recipe.plan.operations),
             "source_layers": result.architecture.num_layers,
             "source_params": result.source_params,
@@ -87,9 +100,13 @@ def _report(result: SurgeryResult, as_json: bool) -> None:
             "total_bytes": result.total_bytes,
             "shards": [{"file": n, "bytes": b} for n, b in result.shards],
         }
+        if result.onnx is not None:
+            body["onnx"] = result.onnx.to_dict()
         print(json.dumps(body, indent=2))
     else:
         print(result.summary())
+        if result.onnx is not None:
+            print(result.onnx.summary())
 
 
 def _cmd_prune(args: argparse.Namespace) -> None:
@@ -128,6 +145,136 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print(info.format())
 
 
+def _cmd_push(args: argparse.Namespace) -> None:
+    from exporters.hub import push
+
+    result = push(
+        args.out, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+        token=args.token, dry_run=args.dry_run, quiet=args.quiet,
+    )
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+
+
+def _cmd_parallel(args: argparse.Namespace) -> None:
+    model, out = _paths(args)
+    result = api.parallel(model, out, groups=args.groups, loop=args.loop, mlp_input=args.mlp_input, **_options(args))
+    _report(result, args.json)
+
+
+def _measuring() -> argparse.ArgumentParser:
+    """Options of the measuring verbs (validate, analyze, sweep), declared once."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("measuring")
+    group.add_argument("--data", metavar="FILE", help="a .txt file, or .jsonl with a 'text' field (default: Hamlet, shipped offline)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto: CUDA if available)")
+    group.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="weights dtype (default: as stored)")
+    group.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                       help="spread a model too large for one device over GPUs and CPU with accelerate")
+    group.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    group.add_argument("--max-tokens", type=int, default=4096, help="token budget drawn from the text (default 4096)")
+    group.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    group.add_argument("--seed", type=int, default=0, help="which windows are drawn from a longer text (default 0)")
+    return parent
+
+
+def _measure_options(args: argparse.Namespace) -> MeasureOptions:
+    options: MeasureOptions = {
+        "device": args.device, "dtype": args.dtype, "device_map": args.device_map, "batch_size": args.batch_size,
+        "max_tokens": args.max_tokens, "seq_len": args.seq_len, "seed": args.seed, "quiet": args.quiet,
+        "allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code,
+    }
+    if hasattr(args, "prompts"):  # the verbs that generate (validate, sweep)
+        options["prompts"] = args.prompts
+        options["new_tokens"] = args.new_tokens
+    return options
+
+
+def _bar_value(text: str) -> float:
+    """A gate such as --max-kl 0.5: a finite number, else a one-line usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from surgery.validate import validate
+
+    paths: list[str] = args.models
+    planned = args.plan is not None or args.recipe is not None
+    if len(paths) > (1 if planned else 2) or (not planned and len(paths) != 2):
+        raise OptionError("expected ORIGINAL NEW, or [ORIGINAL] with --plan or --recipe")
+    original = paths[0] if paths else None
+    new = paths[1] if len(paths) == 2 else None
+    report = validate(
+        original, new, plan=args.plan, recipe=args.recipe, data=args.data, max_kl=args.max_kl,
+        min_top1=args.min_top1, min_cosine=args.min_cosine, **_measure_options(args),
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    if not report.passed:
+        sys.stderr.write("surgery: validation failed: " + "; ".join(report.missed) + "\n")
+        raise SystemExit(EXIT_GATE)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    from surgery.analyze import analyze
+
+    report = analyze(
+        args.model, drop_count=args.drop_count, data=args.data, plots=None if args.no_plots else args.plots,
+        top=args.top, **_measure_options(args),
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from surgery.errors import RangeSyntaxError
+    from surgery.plan import parse_ranges
+    from surgery.sweep import sweep
+
+    try:
+        seeds = parse_ranges(args.seeds)
+    except RangeSyntaxError:
+        raise OptionError(f"--seeds {args.seeds!r} is not a list of whole numbers such as 0-2 or 0,5,7") from None
+    report = sweep(
+        args.model, drop_window=args.drop_window, painters=args.painters, painters_n=args.painters_n,
+        seeds=seeds, plans=args.plan or (), data=args.data, out=args.out, **_measure_options(args),
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> None:
+    from exporters.onnx import export_onnx
+
+    result = export_onnx(
+        args.model, args.out, dtype=args.dtype, opset=args.opset, validate=not args.no_validate, device=args.device,
+        force=args.force, quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from exporters.onnx_runtime import generate
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(
+        args.model, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device, chat=args.chat,
+        on_text=None if args.json else show, threads=args.threads, quiet=args.quiet, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        sys.stdout.write("\n")
+        if not args.quiet:
+            sys.stderr.write(result.stats() + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``surgery`` argument parser (exposed for documentation and tests)."""
     common, writing = _common(), _writing()
@@ -135,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
 
     def verb(name: str, handler: Callable[[argparse.Namespace], None], help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub = verbs.add_parser(name, parents=[common, *parents], help=help_text, description=help_text)
+        shared = [common, *parents]
+        sub = verbs.add_parser(name, parents=shared, help=help_text, description=help_text)  # type: ignore[arg-type]  # argparse stubs want _Parser parents
         sub.set_defaults(handler=handler)
         return sub
 
@@ -162,11 +310,77 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = verb("inspect", _cmd_inspect, "show architecture, layers, per-layer config, sizes and shards")
     ins.add_argument("model", nargs="?", metavar="MODEL", help="default: the embedded SmolLM2-135M")
+
+    pus = verb("push", _cmd_push, "upload an output directory, with its model card, to the Hugging Face Hub (one commit)")
+    pus.add_argument("out", metavar="OUT", help="an output directory written by surgery")
+    pus.add_argument("repo_id", metavar="REPO_ID", help="NAME or NAMESPACE/NAME; created when missing")
+    pus.add_argument("--private", action="store_true", help="create the repo private (an existing public repo is refused)")
+    pus.add_argument("--revision", metavar="BRANCH", help="push to this existing branch (default main)")
+    pus.add_argument("--commit-message", metavar="TEXT", help="commit title (default: the operations and the plan)")
+    pus.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the stored login)")
+    pus.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, with sizes; send nothing")
+
+    par = verb("parallel", _cmd_parallel, "merge groups of layers into wide blocks run in parallel (--groups 10-13,14-17)", writing)
+    par.add_argument("--groups", required=True, help="consecutive layers per group, e.g. 10-13,14-17 (0-based, inclusive)")
+    par.add_argument("--loop", type=int, default=1, help="apply each merged group this many times in a row (default 1)")
+    par.add_argument(
+        "--mlp-input", choices=("exact", "shared"), default="exact",
+        help="exact: each branch's MLP sees its own residual (default); shared: all see h + mean attention (approximation)",
+    )
+    measuring = _measuring()
+    val = verb("validate", _cmd_validate, "compare a new model with its original: perplexity, KL, top-1, greedy agreement", measuring)
+    val.add_argument("models", nargs="*", metavar="ORIGINAL [NEW]",
+                     help="the original (default: the embedded SmolLM2-135M) and a checkpoint written from it")
+    how_new = val.add_mutually_exclusive_group()
+    how_new.add_argument("--plan", help="instead of NEW: run this layer plan in memory, e.g. 0-9,21-29 (writes nothing)")
+    how_new.add_argument("--recipe", help="instead of NEW: run the plan of a recipe file or output directory in memory")
+    val.add_argument("--max-kl", type=_bar_value, metavar="X", help="fail (exit 1) if mean KL(original || new) is above X")
+    val.add_argument("--min-top1", type=_bar_value, metavar="X", help="fail (exit 1) if top-1 agreement is below X (0-1)")
+    val.add_argument("--min-cosine", type=_bar_value, metavar="X", help="encoders: fail (exit 1) if embedding cosine is below X")
+    val.add_argument("--prompts", type=int, default=8, help="prompts for greedy agreement, 0 to skip (default 8)")
+    val.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+
+    ana = verb("analyze", _cmd_analyze, "layer similarity, Block Influence and angular distance; ranked drop candidates", measuring)
+    ana.add_argument("model", nargs="?", metavar="MODEL", help="default: the embedded SmolLM2-135M")
+    ana.add_argument("--drop-count", type=int, help="size of the block of layers to drop (default: a quarter of the layers)")
+    ana.add_argument("--top", type=int, default=5, help="how many candidate blocks to list (default 5)")
+    ana.add_argument("--plots", default="surgery-analysis", metavar="DIR",
+                     help="where to write similarity.png and block-influence.png (default surgery-analysis)")
+    ana.add_argument("--no-plots", action="store_true", help="write no images")
+
+    swp = verb("sweep", _cmd_sweep, "measure a family of plans against the original with one load of the weights", measuring)
+    swp.add_argument("model", nargs="?", metavar="MODEL", help="default: the embedded SmolLM2-135M")
+    swp.add_argument("--drop-window", type=int, metavar="N", help="every contiguous window of N layers dropped")
+    swp.add_argument("--painters", action="store_true", help="skip / middle repeat / reverse / random order of the middle layers")
+    swp.add_argument("--painters-n", metavar="RANGES", help="the N values (first N+1 and last N layers kept), e.g. 0-13 (default all)")
+    swp.add_argument("--seeds", default="0-2", metavar="RANGES", help="random-order seeds, averaged in the plot (default 0-2)")
+    swp.add_argument("--plan", action="append", metavar="LAYERS", help="an extra plan to measure (repeatable)")
+    swp.add_argument("--out", default="surgery-sweep", metavar="DIR", help="where to write sweep.csv, sweep.json, sweep.png")
+    swp.add_argument("--prompts", type=int, default=8, help="prompts for greedy agreement, 0 to skip (default 8)")
+    swp.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    onx = verb("export-onnx", _cmd_export_onnx, "export to ONNX with KV cache, validated against PyTorch in ONNX Runtime")
+    onx.add_argument("model", metavar="MODEL", help="a checkpoint of this tool (standard or wide-block) or any supported model")
+    onx.add_argument("out", metavar="OUT", help="the ONNX directory to create")
+    onx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations (default fp32)")
+    onx.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
+    onx.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    onx.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where validation runs (default cpu)")
+    onx.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    gen = verb("generate", _cmd_generate, "generate with ONNX Runtime and the KV cache, streaming tokens")
+    gen.add_argument("model", metavar="MODEL_OR_ONNX_DIR",
+                     help="an ONNX directory, a checkpoint with OUT/onnx, or any model (exported once into the cache)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens (default 64)")
+    gen.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime provider (default cpu)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad input). A measuring verb whose result
+    missed a bar (--max-kl, --min-top1, --min-cosine) raises SystemExit(1) after printing it."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error already printed as one line (2)

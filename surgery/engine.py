@@ -12,15 +12,15 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from exporters.safetensors import OutputTensor, layout_shards, output_dtype, write_shards
+from exporters.staging import check_output, staged_output
 from surgery.architecture import Architecture, detect
 from surgery.checkpoint import INDEX_FILENAME, TensorEntry, read_header, read_tensor_index
 from surgery.errors import UnsupportedArchitectureError
 from surgery.plan import RECIPE_FILENAME, Recipe
 from surgery.source import Source
-
-from exporters.safetensors import OutputTensor, layout_shards, output_dtype, write_shards
-from exporters.staging import check_output, staged_output
 
 _TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -37,6 +37,7 @@ class SurgeryResult:
         source_params: parameters in the source checkpoint.
         output_params: parameters in the output checkpoint.
         dry_run: True when nothing was written.
+        onnx: the ONNX export into ``OUT/onnx`` (an ``exporters.onnx.OnnxExportResult``), when asked for.
     """
 
     out: Path | None
@@ -46,6 +47,7 @@ class SurgeryResult:
     source_params: int
     output_params: int
     dry_run: bool
+    onnx: Any = None
 
     @property
     def total_bytes(self) -> int:
@@ -63,7 +65,7 @@ class SurgeryResult:
         types = arch.per_layer.get("layer_types")
         for new, src in plan.mapping():
             note = f"  {types[src]}" if types else ""
-            lines.append(f"{new:>3} <- {src:<3}{note}")
+            lines.append(f"{new:>3} <- {src:<3}{note}".rstrip())
         dtype = self.recipe.options.dtype or "as source"
         lines.append(
             f"parameters: {self.source_params:,} -> {self.output_params:,}; "
@@ -162,6 +164,12 @@ def execute(
         >>> from surgery.plan import Plan, Recipe  # doctest: +SKIP
         >>> execute(open_source(None), Path("out"), Recipe(Plan.drop("10-20", 30)))  # doctest: +SKIP
     """
+    if recipe.plan.groups:  # parallel groups become wide blocks: fused weights and shipped modelling code
+        from surgery.widen import execute_parallel
+
+        return execute_parallel(
+            source, out, recipe, force=force, dry_run=dry_run, quiet=quiet, trust_remote_code=trust_remote_code
+        )
     if out is not None and not dry_run:
         check_output(out, force=force, protected=(source.path,))
     names, weight_map = _tensor_names(source)
@@ -213,11 +221,14 @@ def execute(
             write_shards(staging, shards, on_bytes=bar.update)
         (staging / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         _check_config_reads_back(staging, architecture, recipe)
-        for file in source.other_files():
-            target = staging / file.relative_to(source.path)
+        for extra in source.other_files():
+            target = staging / extra.relative_to(source.path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, target)
+            shutil.copyfile(extra, target)
         (staging / RECIPE_FILENAME).write_text(recipe.to_yaml())
+        from exporters.card import write_card  # the model card (README.md), derived from all of the above
+
+        write_card(staging, result, source)
     return result
 
 

@@ -115,3 +115,178 @@ class OutputExistsError(SurgeryError, FileExistsError):
 
 class OptionError(SurgeryError, ValueError):
     """An option value that is not allowed, such as an unknown dtype or a bad shard size."""
+
+
+class ParallelGroupError(PlanError):
+    """A parallel group that cannot be part of a plan: one layer, overlapping, past the end, loop < 1."""
+
+    def __init__(self, group: str, reason: str, *, hint: str | None = None) -> None:
+        self.group = group
+        self.reason = reason
+        super().__init__(
+            f"parallel group {group}: {reason}",
+            hint=hint or "write groups of two or more consecutive layers, e.g. --groups 10-13,14-17 (0-based, inclusive)",
+        )
+
+
+class ParallelMergeError(UnsupportedArchitectureError):
+    """A model whose layers cannot be merged exactly into one wide block (see ``surgery.widen``)."""
+
+    def __init__(self, model_type: str, reason: str, *, group: str | None = None, hint: str | None = None) -> None:
+        self.group = group
+        where = f"cannot merge {group} into one wide block: " if group else "cannot merge layers into a wide block: "
+        super().__init__(model_type, where + reason, hint=hint)
+
+
+class DataError(SurgeryError, ValueError):
+    """A text set that cannot be measured on: unreadable, empty, too short, or malformed JSON lines."""
+
+    def __init__(self, source: str, reason: str, *, hint: str | None = None) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"text {source}: {reason}", hint=hint)
+
+
+class TokenizerMismatchError(SurgeryError, ValueError):
+    """Two models that do not share a tokenizer and vocabulary, so their predictions cannot be compared."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"ORIGINAL and NEW cannot be compared: {reason}",
+            hint="compare a model with a checkpoint this tool wrote from it, which keeps its tokenizer",
+        )
+
+
+# -- the Hub (issue #5): push, model card, Hub sources -------------------------------------------
+
+
+class RepoIdError(SurgeryError, ValueError):
+    """A Hub repository id that the Hub would refuse, such as ``a//b`` or ``-name``."""
+
+    def __init__(self, repo_id: str, reason: str) -> None:
+        self.repo_id = repo_id
+        self.reason = reason
+        super().__init__(
+            f"invalid Hub repo id {repo_id!r}: {reason}",
+            hint="write NAME or NAMESPACE/NAME with letters, digits, '-', '_' and '.'",
+        )
+
+
+class NotAModelDirectoryError(SurgeryError, FileNotFoundError):
+    """The directory to push is not a model directory (no config.json or no safetensors weights)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path} is not a model directory: {reason}", hint="push the OUT directory a surgery wrote")
+
+
+class ModelCardError(SurgeryError, ValueError):
+    """A model card (README.md) that is missing or does not parse, or a validation report of the wrong shape."""
+
+    def __init__(self, path: str, reason: str, *, hint: str | None = None) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"model card {path}: {reason}", hint=hint)
+
+
+class HubAuthError(SurgeryError, PermissionError):
+    """The Hub needs a token that is missing, or refused the one given (never shown in the message)."""
+
+    def __init__(self, repo_id: str, reason: str, *, status: int | None = None, hint: str | None = None) -> None:
+        self.repo_id = repo_id
+        self.reason = reason
+        self.status = status
+        super().__init__(f"Hub repo {repo_id}: {reason}", hint=hint)
+
+
+class MissingTokenError(HubAuthError):
+    """No token in ``--token``/``token=``, ``HF_TOKEN`` or the stored login, and the operation needs one."""
+
+    def __init__(self, repo_id: str, what: str = "pushing") -> None:
+        super().__init__(
+            repo_id, f"{what} needs a Hugging Face token and none was found",
+            hint="set HF_TOKEN, run 'hf auth login', or pass --token",
+        )
+
+
+class RejectedTokenError(HubAuthError):
+    """The Hub answered 401/403: the token is invalid, or lacks write access to the namespace."""
+
+    def __init__(self, repo_id: str, status: int, reason: str) -> None:
+        super().__init__(
+            repo_id, reason, status=status,
+            hint="check the token (a write token for this namespace) in HF_TOKEN, 'hf auth login' or --token",
+        )
+
+
+class HubRevisionError(SurgeryError, LookupError):
+    """A branch or revision that does not exist in the Hub repository."""
+
+    def __init__(self, repo_id: str, revision: str) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        super().__init__(
+            f"Hub repo {repo_id} has no revision {revision!r}",
+            hint="push to an existing branch, or create it first (hf repo branch create)",
+        )
+
+
+class HubPushError(SurgeryError, ConnectionError):
+    """A push that the Hub or the network stopped; nothing was committed, and re-running resumes it."""
+
+    def __init__(self, repo_id: str, reason: str) -> None:
+        self.repo_id = repo_id
+        self.reason = reason
+        super().__init__(
+            f"push to {repo_id} failed: {reason}; nothing was committed",
+            hint="run the same push again: files that already arrived are not sent twice",
+        )
+
+
+class OnnxExportError(SurgeryError, RuntimeError):
+    """A model that ``torch.onnx`` cannot trace, lower or save (``stage`` says which step failed)."""
+
+    def __init__(self, model_type: str, stage: str, reason: str) -> None:
+        self.model_type = model_type
+        self.stage = stage
+        self.reason = reason
+        super().__init__(
+            f"cannot export architecture {model_type!r} to ONNX ({stage} failed): {reason}",
+            hint="nothing was written; run with --debug for the traceback",
+        )
+
+
+class OnnxOpsetError(OptionError):
+    """An ONNX opset outside what the exporter supports."""
+
+    def __init__(self, opset: int, minimum: int, maximum: int) -> None:
+        self.opset = opset
+        self.minimum = minimum
+        self.maximum = maximum
+        reason = "too old" if opset < minimum else "newer than the installed torch.onnx and onnx support"
+        super().__init__(f"opset {opset} is {reason}", hint=f"choose an opset from {minimum} to {maximum}")
+
+
+class OnnxValidationError(SurgeryError, RuntimeError):
+    """ONNX Runtime disagrees with PyTorch beyond the stated bound; nothing was written."""
+
+    def __init__(self, check: str, max_abs_diff: float | None, tolerance: float | None, provider: str, detail: str = "") -> None:
+        self.check = check
+        self.max_abs_diff = max_abs_diff
+        self.tolerance = tolerance
+        self.provider = provider
+        numbers = f": max |diff| {max_abs_diff:.3g} > {tolerance:.3g}" if max_abs_diff is not None and tolerance is not None else ""
+        super().__init__(
+            f"ONNX validation failed on {provider}, {check}{numbers} {detail}".rstrip(),
+            hint="nothing was written; --no-validate writes the graph anyway",
+        )
+
+
+class CudaUnavailableError(SurgeryError, RuntimeError):
+    """CUDA was asked for, but ONNX Runtime cannot run on it here (``reason`` names what is missing)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"CUDA requested but unavailable: {reason}", hint="or run with --device cpu")

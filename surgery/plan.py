@@ -5,11 +5,15 @@ Every verb (prune, repeat, reorder, apply), every recipe file and every API call
 write (``0-9,21-29,21-29``), and knows how many layers its source has so that it can refuse a
 model it was not made for.
 
-The range syntax is 0-based and inclusive: ``3``, ``10-20``, ``3,7,10-12``.
+The range syntax is 0-based and inclusive: ``3``, ``10-20``, ``3,7,10-12``. A step may also be a
+:class:`ParallelGroup` of consecutive layers run in parallel on the same input and averaged:
+``[10-13]``, looped ``[10-13]x3`` (the merged block applied three times in a row), and with the
+shared-MLP-input approximation ``[10-13]x3:shared``; e.g. ``0-9,[10-13]x3,[14-17]x3,18-29``.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -18,12 +22,21 @@ from typing import Any
 
 import yaml
 
-from surgery.errors import EmptyPlanError, LayerIndexError, OptionError, RangeSyntaxError, RecipeError
+from surgery.errors import (
+    EmptyPlanError,
+    LayerIndexError,
+    OptionError,
+    ParallelGroupError,
+    RangeSyntaxError,
+    RecipeError,
+)
 
 RECIPE_FILENAME = "surgery-recipe.yaml"
 RECIPE_VERSION = 1
 
 _ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_GROUP_ITEM = re.compile(r"^\s*\[\s*(\d+)\s*(?:-\s*(\d+)\s*)?\]\s*(?:x\s*(\d+)\s*)?(?::\s*([a-z]+)\s*)?$")
+MLP_INPUTS = ("exact", "shared")
 
 
 def parse_ranges(text: str) -> list[int]:
@@ -84,12 +97,138 @@ def _check_range(indices: list[int], num_layers: int) -> None:
 
 
 @dataclass(frozen=True)
+class ParallelGroup:
+    """Consecutive source layers run in parallel on the same input, their outputs averaged.
+
+    The group computes ``h' = (1/K) * sum_k L_k(h)`` over its K layers; with ``loop = r`` that
+    block is applied r times in a row with the same weights. Range syntax: ``[10-13]``, looped
+    ``[10-13]x3``, shared-MLP-input approximation ``[10-13]x3:shared`` (see :mod:`surgery.widen`).
+
+    Attributes:
+        layers: the source layers: at least two, consecutive and ascending.
+        loop: how many times in a row the merged block is applied (at least 1).
+        mlp_input: ``exact`` (each branch's MLP sees its own residual ``h + attn_k(h)``: equal to
+            the averaged layers) or ``shared`` (every MLP sees ``h + mean_k attn_k(h)``: an approximation).
+
+    Raises:
+        ParallelGroupError: fewer than two layers, layers not consecutive, a loop below 1.
+        OptionError: an unknown ``mlp_input``.
+
+    Example:
+        >>> group = ParallelGroup((10, 11, 12, 13), loop=3)
+        >>> str(group), len(group)
+        ('[10-13]x3', 4)
+    """
+
+    layers: tuple[int, ...]
+    loop: int = 1
+    mlp_input: str = "exact"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        shown = f"[{format_ranges(list(self.layers))}]" if self.layers else "[]"
+        if len(self.layers) < 2:
+            raise ParallelGroupError(shown, "a group needs two or more layers (a group of one layer is just that layer)")
+        if self.layers != tuple(range(self.layers[0], self.layers[0] + len(self.layers))):
+            raise ParallelGroupError(shown, "the layers of a group must be consecutive and ascending, such as 10-13")
+        if isinstance(self.loop, bool) or not isinstance(self.loop, int) or self.loop < 1:
+            raise ParallelGroupError(
+                shown, f"the loop count must be a whole number of at least 1, got {self.loop!r}",
+                hint="pass --loop 1 (each group once) or more",
+            )
+        if self.mlp_input not in MLP_INPUTS:
+            raise OptionError(f"mlp_input must be one of {', '.join(MLP_INPUTS)}, got {self.mlp_input!r}")
+
+    def __str__(self) -> str:
+        text = f"[{self.layers[0]}-{self.layers[-1]}]"
+        if self.loop != 1:
+            text += f"x{self.loop}"
+        if self.mlp_input != "exact":
+            text += f":{self.mlp_input}"
+        return text
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def parse_steps(text: str) -> list[int | ParallelGroup]:
+    """Parse the range syntax with parallel groups into plan steps, in order.
+
+    Args:
+        text: comma-separated items: ``N``, ``A-B`` (one step per layer), or a group
+            ``[A-B]``, ``[A-B]xR`` (looped R times), ``[A-B]xR:shared``.
+
+    Returns:
+        The steps: an int per plain layer, a :class:`ParallelGroup` per group.
+
+    Raises:
+        RangeSyntaxError: an item that is none of these forms, or a range that runs backwards.
+        ParallelGroupError: a group of one layer, or a loop below 1.
+
+    Example:
+        >>> parse_steps("0-1,[2-3]x2,4")
+        [0, 1, ParallelGroup(layers=(2, 3), loop=2, mlp_input='exact'), 4]
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise RangeSyntaxError(str(text), "it is empty")
+    steps: list[int | ParallelGroup] = []
+    for item in text.split(","):
+        if "[" not in item and "]" not in item:
+            if not item.strip():
+                raise RangeSyntaxError(text, "an empty item")
+            try:
+                steps.extend(parse_ranges(item))
+            except RangeSyntaxError as exc:
+                raise RangeSyntaxError(text, exc.reason) from None
+            continue
+        match = _GROUP_ITEM.match(item)
+        if match is None:
+            raise RangeSyntaxError(text, f"{item.strip()!r} is not a group such as [10-13], [10-13]x3 or [10-13]x3:shared")
+        start = int(match.group(1))
+        end = int(match.group(2)) if match.group(2) is not None else start
+        if end < start:
+            raise RangeSyntaxError(text, f"[{start}-{end}] runs backwards (write the lower index first)")
+        mode = match.group(4) or "exact"
+        if mode not in MLP_INPUTS:
+            raise RangeSyntaxError(text, f"{item.strip()!r}: the group suffix must be :exact or :shared, not :{mode}")
+        loop = int(match.group(3)) if match.group(3) is not None else 1
+        steps.append(ParallelGroup(tuple(range(start, end + 1)), loop=loop, mlp_input=mode))
+    return steps
+
+
+def format_steps(steps: tuple[int | ParallelGroup, ...] | list[int | ParallelGroup]) -> str:
+    """Write plan steps in the range syntax: runs of layers folded, groups in brackets.
+
+    Example:
+        >>> format_steps([0, 1, 2, ParallelGroup((3, 4), loop=2), 5])
+        '0-2,[3-4]x2,5'
+    """
+    parts: list[str] = []
+    run: list[int] = []
+    for step in steps:
+        if isinstance(step, ParallelGroup):
+            if run:
+                parts.append(format_ranges(run))
+                run = []
+            parts.append(str(step))
+        else:
+            run.append(step)
+    if run:
+        parts.append(format_ranges(run))
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
 class Plan:
     """The ordered source layer indices of the new model.
 
     Attributes:
-        layers: source layer index for each new layer position, repeats allowed.
+        layers: the steps of the new model in order: a source layer index for each plain layer
+            position (repeats allowed), or a :class:`ParallelGroup` of layers merged into one
+            wide block (applied ``loop`` times in a row).
         num_source_layers: the layer count of the model this plan was made for.
+
+    ``len(plan)`` is the depth of the new model: one per plain layer, ``loop`` per group.
 
     Example:
         >>> plan = Plan.drop("10-20", num_source_layers=30)
@@ -97,28 +236,53 @@ class Plan:
         '0-9,21-29'
         >>> len(plan)
         19
+        >>> str(Plan.parallel("10-13,14-17", loop=3, num_source_layers=30))
+        '0-9,[10-13]x3,[14-17]x3,18-29'
     """
 
-    layers: tuple[int, ...]
+    layers: tuple[int | ParallelGroup, ...]
     num_source_layers: int
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise EmptyPlanError("this plan")
-        _check_range(list(self.layers), self.num_source_layers)
+        _check_range([s for s in self.layers if not isinstance(s, ParallelGroup)], self.num_source_layers)
+        owner: dict[int, ParallelGroup] = {}
+        for group in self.groups:
+            if not 0 <= group.layers[0] < self.num_source_layers:
+                raise LayerIndexError(group.layers[0], self.num_source_layers)
+            if group.layers[-1] >= self.num_source_layers:
+                raise ParallelGroupError(
+                    str(group),
+                    f"it crosses the end of the model: layer {group.layers[-1]} does not exist "
+                    f"(the model has {self.num_source_layers} layers, 0-{self.num_source_layers - 1})",
+                )
+            for index in group.layers:
+                if index in owner:
+                    raise ParallelGroupError(
+                        f"{owner[index]} and {group}",
+                        f"they overlap at layer {index}; a layer can belong to one group only",
+                        hint="split the layers into disjoint groups; to apply a group again, loop it ([10-13]x3, --loop 3)",
+                    )
+                owner[index] = group
 
     def __str__(self) -> str:
-        return format_ranges(self.layers)
+        return format_steps(self.layers)
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return sum(step.loop if isinstance(step, ParallelGroup) else 1 for step in self.layers)
+
+    @property
+    def groups(self) -> tuple[ParallelGroup, ...]:
+        """The plan's parallel groups, in order (empty for a plan of plain layers)."""
+        return tuple(step for step in self.layers if isinstance(step, ParallelGroup))
 
     # -- builders: one per verb ------------------------------------------------------------
 
     @classmethod
     def from_ranges(cls, text: str, num_source_layers: int) -> Plan:
-        """The plan written out in range syntax, e.g. ``"0-9,21-29,21-29"``."""
-        return cls(tuple(parse_ranges(text)), num_source_layers)
+        """The plan written out in range syntax, e.g. ``"0-9,21-29,21-29"`` or ``"0-9,[10-13]x3,14-29"``."""
+        return cls(tuple(parse_steps(text)), num_source_layers)
 
     @classmethod
     def identity(cls, num_source_layers: int) -> Plan:
@@ -188,6 +352,54 @@ class Plan:
         return cls(tuple(named), num_source_layers)
 
     @classmethod
+    def parallel(cls, groups: str, loop: int, num_source_layers: int, mlp_input: str = "exact") -> Plan:
+        """Every layer in place, except that each group in ``groups`` becomes one parallel step.
+
+        Args:
+            groups: comma-separated ranges, one group each, e.g. ``"10-13,14-17"``.
+            loop: how many times in a row each merged group is applied.
+            num_source_layers: the source model's layer count.
+            mlp_input: ``exact`` or ``shared`` (see :class:`ParallelGroup`).
+
+        Returns:
+            The plan, e.g. ``0-9,[10-13]x3,[14-17]x3,18-29``.
+
+        Raises:
+            RangeSyntaxError: a malformed range.
+            ParallelGroupError: a group of one layer, overlapping groups, a group past the end,
+                or a loop below 1.
+
+        Example:
+            >>> str(Plan.parallel("2-3", loop=1, num_source_layers=6))
+            '0-1,[2-3],4-5'
+        """
+        if not isinstance(groups, str) or not groups.strip():
+            raise RangeSyntaxError(str(groups), "it is empty")
+        built: list[ParallelGroup] = []
+        for item in groups.split(","):
+            match = _ITEM.match(item)
+            if match is None:
+                reason = "an empty item" if not item.strip() else f"{item.strip()!r} is not a group A-B with whole numbers"
+                raise RangeSyntaxError(groups, reason)
+            start = int(match.group(1))
+            end = int(match.group(2)) if match.group(2) is not None else start
+            if end < start:
+                raise RangeSyntaxError(groups, f"{start}-{end} runs backwards (write the lower index first)")
+            built.append(ParallelGroup(tuple(range(start, end + 1)), loop=loop, mlp_input=mlp_input))
+        cls(tuple(built), num_source_layers)  # range and overlap checks before placing the groups
+        starts = {group.layers[0]: group for group in built}
+        steps: list[int | ParallelGroup] = []
+        index = 0
+        while index < num_source_layers:
+            if index in starts:
+                steps.append(starts[index])
+                index = starts[index].layers[-1] + 1
+            else:
+                steps.append(index)
+                index += 1
+        return cls(tuple(steps), num_source_layers)
+
+    @classmethod
     def _permute_block(cls, spec: str, num_source_layers: int, permute: Any) -> Plan:
         block = parse_ranges(spec)
         _check_range(block, num_source_layers)
@@ -201,20 +413,58 @@ class Plan:
 
     @property
     def operations(self) -> tuple[str, ...]:
-        """What the plan does, derived from its layers: pruned, layer-repeated, layer-reordered."""
+        """What the plan does, derived from its layers: pruned, layer-repeated, layer-reordered, parallel-merged.
+
+        A looped group counts as repeated (its layers' weights are applied more than once).
+        """
         ops = []
-        if len(set(self.layers)) < self.num_source_layers:
+        applied = self.source_sequence()
+        if len(set(applied)) < self.num_source_layers:
             ops.append("pruned")
-        if len(set(self.layers)) < len(self.layers):
+        if len(set(applied)) < len(applied):
             ops.append("layer-repeated")
-        first_seen = list(dict.fromkeys(self.layers))
+        first_seen = list(dict.fromkeys(applied))
         if first_seen != sorted(first_seen):
             ops.append("layer-reordered")
+        if self.groups:
+            ops.append("parallel-merged")
         return tuple(ops)
 
     def mapping(self) -> list[tuple[int, int]]:
-        """``(new_index, source_index)`` for every layer of the new model."""
-        return list(enumerate(self.layers))
+        """``(new_index, source_index)`` for every plain layer of the new model.
+
+        The new index is the position in the new model's layer sequence, where each application
+        of a (looped) parallel group takes one position; groups themselves are in :meth:`positions`.
+        """
+        if not self.groups:
+            return list(enumerate(s for s in self.layers if not isinstance(s, ParallelGroup)))
+        return [(position, step) for position, step in self.positions() if not isinstance(step, ParallelGroup)]
+
+    def positions(self) -> list[tuple[int, int | ParallelGroup]]:
+        """``(position, step)`` for every layer application of the new model, loops unrolled.
+
+        Example:
+            >>> Plan.from_ranges("0,[1-2]x2,3", 4).positions()[1:3]  # doctest: +NORMALIZE_WHITESPACE
+            [(1, ParallelGroup(layers=(1, 2), loop=2, mlp_input='exact')),
+             (2, ParallelGroup(layers=(1, 2), loop=2, mlp_input='exact'))]
+        """
+        out: list[tuple[int, int | ParallelGroup]] = []
+        for step in self.layers:
+            for _ in range(step.loop if isinstance(step, ParallelGroup) else 1):
+                out.append((len(out), step))
+        return out
+
+    def source_sequence(self) -> list[int]:
+        """The source layers in the order their work is applied, groups expanded and loops unrolled.
+
+        Example:
+            >>> Plan.from_ranges("0,[1-2]x2,3", 4).source_sequence()
+            [0, 1, 2, 1, 2, 3]
+        """
+        out: list[int] = []
+        for step in self.layers:
+            out.extend(list(step.layers) * step.loop if isinstance(step, ParallelGroup) else [step])
+        return out
 
 
 _DTYPES = ("bf16", "fp16", "fp32")
@@ -271,6 +521,7 @@ class Recipe:
         source: HuggingFaceTB/SmolLM2-135M-Instruct   # informational
         num_source_layers: 30
         layers: 0-9,21-29              # range syntax, or a YAML list of indices
+                                       # parallel groups: 0-9,[10-13]x3,[14-17]x3,18-29
         dtype: null                    # bf16 | fp16 | fp32 | null (keep)
         max_shard_size: 5000000000     # bytes, or a string such as 2GB
 
@@ -318,9 +569,9 @@ class Recipe:
             raise RecipeError(origin, "'num_source_layers' must be a positive whole number")
         layers = body.get("layers")
         if isinstance(layers, list):
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-                raise RecipeError(origin, "'layers' as a list must hold whole numbers only")
-            plan = Plan(tuple(layers), n)
+            if not all((isinstance(i, int) and not isinstance(i, bool)) or isinstance(i, str) for i in layers):
+                raise RecipeError(origin, "'layers' as a list must hold whole numbers (or group strings such as '[10-13]x3')")
+            plan = Plan(tuple(s for i in layers for s in (parse_steps(i) if isinstance(i, str) else [i])), n)
         elif isinstance(layers, (str, int)):
             plan = Plan.from_ranges(str(layers), n)
         else:
@@ -331,7 +582,7 @@ class Recipe:
         return cls(plan=plan, options=options, source=None if source is None else str(source))
 
     @classmethod
-    def load(cls, path: str | Path) -> Recipe:
+    def load(cls, path: str | os.PathLike[str]) -> Recipe:
         """Read a recipe file, or the recipe inside an output directory this tool wrote."""
         path = Path(path)
         if path.is_dir():

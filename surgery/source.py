@@ -15,6 +15,7 @@ safetensors shards. This module turns every accepted MODEL argument into that:
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -86,7 +87,13 @@ class Source:
             return
         from huggingface_hub import snapshot_download
 
-        snapshot_download(self.repo_id, revision=self.revision, local_dir=self.path, allow_patterns=wanted)
+        from exporters.hub import hub_endpoint
+
+        try:  # exact names (glob-escaped), at the commit the source was opened at
+            snapshot_download(self.repo_id, revision=self.revision, local_dir=self.path, endpoint=hub_endpoint(),
+                              allow_patterns=[glob.escape(f) for f in wanted])
+        except Exception as exc:  # any client or network failure: one line, never a traceback
+            raise _hub_failure(self.repo_id, exc) from None
         self.pending_files = [f for f in self.pending_files if f not in wanted]
 
     def other_files(self) -> list[Path]:
@@ -97,6 +104,8 @@ class Source:
             if not file.is_file() or any(part.startswith(".") for part in rel.parts):
                 continue
             if str(rel) in NOT_COPIED or file.name.endswith(WEIGHT_SUFFIXES):
+                continue
+            if len(rel.parts) > 1 and rel.parts[0] == "onnx":  # the source's ONNX export describes the source only
                 continue
             out.append(file)
         return out
@@ -247,21 +256,62 @@ def _convert_pickle(path: Path, pickles: list[Path]) -> Path:
     return _publish(staging, target)
 
 
-def _open_hub(repo_id: str) -> Source:
-    """Fetch a Hub repo's config, index and small files now; its shards wait for the plan."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+def _hub_failure(repo_id: str, exc: BaseException) -> Exception:
+    """A failed Hub read as one of our errors (one line; the token is never part of it)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    local = cache_root() / "hub" / repo_id.replace("/", "--")
+    from surgery.errors import RejectedTokenError
+
+    if isinstance(exc, GatedRepoError):
+        return ModelNotFoundError(repo_id, "is gated on the Hub: accept its terms there and log in (HF_TOKEN or 'hf auth login')")
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelNotFoundError(repo_id, "not found on the Hub (if it is private, log in with a token that can read it)")
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelNotFoundError(repo_id, "the revision was not found on the Hub")
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 401:
+        return RejectedTokenError(repo_id, 401, "the Hub rejected the token while reading the model")
+    if isinstance(exc, OfflineModeIsEnabled):
+        return ModelNotFoundError(repo_id, "HF_HUB_OFFLINE is set, so the Hub cannot be asked for it")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ModelNotFoundError(repo_id, f"the Hub could not be reached ({type(exc).__name__}: {first})")
+
+
+def _open_hub(repo_id: str) -> Source:
+    """Fetch a Hub repo's config, index and small files now; its shards wait for the plan.
+
+    The repo is pinned to one commit first, so that the small files now and the shards later
+    (:meth:`Source.fetch`) come from the same revision; they go to
+    ``$SURGERY_CACHE/hub/ORG--NAME/COMMIT``, where a later run finds them. ``HF_ENDPOINT`` and
+    the usual token (``HF_TOKEN`` or the stored login) are honoured.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    from exporters.hub import hub_endpoint
+
+    endpoint = hub_endpoint()
     try:
-        files = HfApi().list_repo_files(repo_id)
+        api = HfApi(endpoint=endpoint)
+        commit = api.model_info(repo_id).sha
+        if not commit:
+            raise CheckpointError(repo_id, "the Hub did not report the repository's current commit")
+        files = api.list_repo_files(repo_id, revision=commit)
         small = [f for f in files if not f.endswith(WEIGHT_SUFFIXES)]
-        snapshot_download(repo_id, local_dir=local, allow_patterns=small)
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise ModelNotFoundError(repo_id, f"not found on the Hub ({type(exc).__name__})") from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise ModelNotFoundError(repo_id, f"the Hub could not be reached ({str(exc).splitlines()[0]})") from None
+        local = cache_root() / "hub" / repo_id.replace("/", "--") / commit
+        snapshot_download(repo_id, revision=commit, local_dir=local, endpoint=endpoint,
+                          allow_patterns=[glob.escape(f) for f in small])
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any client or network failure: one line, never a traceback
+        raise _hub_failure(repo_id, exc) from None
     shards = [f for f in files if f.endswith(".safetensors")]
     if not shards:
         raise CheckpointError(repo_id, "has no .safetensors weights on the Hub")
-    return Source(repo_id, local, repo_id=repo_id, pending_files=shards)
+    if "config.json" not in files:
+        raise CheckpointError(repo_id, "has no config.json on the Hub; is it a transformers model?")
+    return Source(repo_id, local, repo_id=repo_id, revision=commit, pending_files=shards)

@@ -47,3 +47,61 @@ def reference_model(model: torch.nn.Module, layers: Sequence[int]) -> Any:
             setattr(config, key, [value[i] for i in layers])
     config.num_hidden_layers = len(layers)
     return ref.eval()
+
+
+class ParallelReference(torch.nn.Module):
+    """The reference of one parallel group: the K original layers run on the same input, averaged.
+
+    ``mlp_input="exact"`` is the definition, ``h' = (1/K) * sum_k L_k(h)``, calling each original
+    layer whole. ``"shared"`` is the approximation, built from the layers' own submodules (pre-norm
+    decoders): ``u = h + (1/K) * sum_k attn_k(norm_k(h))``, ``h' = u + (1/K) * sum_k mlp_k(norm'_k(u))``.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], mlp_input: str = "exact") -> None:
+        super().__init__()
+        self.branches = torch.nn.ModuleList(layers)
+        self.mlp_input = mlp_input
+        self.attention_type = getattr(layers[0], "attention_type", None)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("past_key_values") is not None:
+            raise NotImplementedError("the parallel reference runs without a KV cache (use_cache=False)")
+        k = len(self.branches)
+        if self.mlp_input == "exact":
+            return sum(layer(hidden_states, **kwargs) for layer in self.branches) / k
+        branches: list[Any] = list(self.branches)
+        attn = sum(layer.self_attn(layer.input_layernorm(hidden_states), **kwargs)[0] for layer in branches) / k
+        mixed = hidden_states + attn
+        return mixed + sum(layer.mlp(layer.post_attention_layernorm(mixed)) for layer in branches) / k
+
+
+def parallel_reference_model(model: torch.nn.Module, plan: Any) -> Any:
+    """A deep copy of ``model`` running ``plan`` (a :class:`surgery.plan.Plan`, groups allowed) in memory.
+
+    Plain steps are copies of the original layers; a group ``[i-j]xR`` is a
+    :class:`ParallelReference` over copies of layers i..j, applied R times (one module object,
+    weights shared). Per-layer config lists follow the positions. Run it with ``use_cache=False``.
+    """
+    from surgery.plan import ParallelGroup
+
+    ref = copy.deepcopy(model)
+    parent, attr = layer_stack(ref)
+    original = getattr(parent, attr)
+    blocks: list[torch.nn.Module] = []
+    sources: list[int] = []
+    for step in plan.layers:
+        if isinstance(step, ParallelGroup):
+            group = ParallelReference([copy.deepcopy(original[i]) for i in step.layers], step.mlp_input)
+            blocks.extend([group] * step.loop)
+            sources.extend([step.layers[0]] * step.loop)
+        else:
+            blocks.append(copy.deepcopy(original[step]))
+            sources.append(step)
+    setattr(parent, attr, torch.nn.ModuleList(blocks))
+    config: Any = ref.config.get_text_config()  # type: ignore[union-attr,operator]
+    n = config.num_hidden_layers
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n and key != "architectures":
+            setattr(config, key, [value[i] for i in sources])
+    config.num_hidden_layers = len(blocks)
+    return ref.eval()

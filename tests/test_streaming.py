@@ -43,7 +43,7 @@ def test_sharded_in_sharded_out(tiny_model: Callable[..., Path], tmp_path: Path)
     src_tensors = read_tensor_index(src)
     out_tensors = read_tensor_index(tmp_path / "out")
     for new, old in [(2, 4), (3, 5), (0, 0)]:
-        name = f"model.layers.{{}}.self_attn.q_proj.weight"
+        name = "model.layers.{}.self_attn.q_proj.weight"
         a, b = src_tensors[name.format(old)], out_tensors[name.format(new)]
         with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
             fa.seek(a.start)

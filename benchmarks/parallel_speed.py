@@ -1,0 +1,207 @@
+"""How much faster is a wide block than the layers it merges? (issue #4; a benchmark, not a test)
+
+Two measurements on the real SmolLM2-135M (Llama, 30 layers), fp32 and bf16, on this machine:
+
+(a) one wide block of K = 2 and K = 4 (layers 10..10+K-1, ``mlp_input="exact"``) against the same
+    K original layers run one after another: batch-1 decode (one token with a KV cache over a
+    128-token context) and a 512-token prefill, in milliseconds per call;
+(b) the whole model with parallel pairs over layers 10-21 (depth 30 -> 24) against the unmerged
+    model: batch-1 decode and 512-token prefill, in tokens per second. Target >= 1.15x; the
+    physical limit (fewer sequential layers, the same arithmetic) is 30/24 = 1.25x.
+
+A prefill figure is the best of ``--repeats`` timed runs after a warm-up; a decode figure is the
+median of every timed decode step over ``--repeats`` runs of ``--steps`` steps, each run on a fresh
+cache prefilled outside the timing (robust to a shared machine's spikes).
+The wide checkpoints are written with :func:`surgery.api.parallel` into a temporary directory and
+loaded with ``trust_remote_code=True``, exactly as a user would.
+
+Usage::
+
+    SURGERY_CACHE=/tmp/scache python benchmarks/parallel_speed.py [--threads 1] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PAIRS = "10-11,12-13,14-15,16-17,18-19,20-21"
+
+
+def median_step(prepare: Callable[[], Any], step: Callable[[Any, int], None], steps: int, repeats: int) -> float:
+    """Median seconds of one ``step(state, t)`` over ``repeats`` runs on a fresh ``prepare()`` state each."""
+    state = prepare()
+    step(state, 0)  # warm-up
+    times = []
+    for _ in range(repeats):
+        state = prepare()
+        for t in range(steps):
+            start = time.perf_counter()
+            step(state, t)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def best(fn: Callable[[], Any], repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` runs of ``fn`` after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def load(path: Path, dtype: torch.dtype, *, remote: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=remote)
+    return model.eval()
+
+
+def block_timings(model: Any, first: int, count: int, ctx: int, prefill: int, steps: int, repeats: int) -> dict[str, float]:
+    """ms per call of ``model.model.layers[first:first+count]`` (run in sequence): decode and prefill."""
+    from transformers import DynamicCache
+
+    layers = list(model.model.layers[first : first + count])
+    rotary = model.model.rotary_emb
+    hidden = model.config.hidden_size
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(0)
+
+    def run(h: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
+        positions = torch.arange(start, start + h.shape[1])[None]
+        embeddings = rotary(h, positions)
+        for layer in layers:
+            h = layer(h, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
+                      past_key_values=cache, use_cache=cache is not None)
+        return h
+
+    context = torch.randn(1, ctx, hidden, generator=generator).to(dtype)
+    tokens = torch.randn(1, steps, hidden, generator=generator).to(dtype)
+    long = torch.randn(1, prefill, hidden, generator=generator).to(dtype)
+
+    def prepare() -> Any:
+        cache = DynamicCache()
+        run(context, 0, cache)
+        return cache
+
+    def decode(cache: Any, t: int) -> None:
+        run(tokens[:, t : t + 1], ctx + t, cache)
+
+    with torch.no_grad():
+        decode_s = median_step(prepare, decode, steps, repeats)
+        prefill_s = best(lambda: run(long, 0, None), repeats)
+    return {"decode_ms": 1e3 * decode_s, "prefill_ms": 1e3 * prefill_s}
+
+
+def model_timings(model: Any, prompt: int, prefill: int, steps: int, repeats: int) -> dict[str, float]:
+    """Tokens per second of the whole model: batch-1 decode with the KV cache, and a prefill."""
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    start_ids = torch.randint(0, vocab, (1, prompt), generator=generator)
+    next_ids = torch.randint(0, vocab, (1, steps), generator=generator)
+    long_ids = torch.randint(0, vocab, (1, prefill), generator=generator)
+
+    def prepare() -> Any:
+        return model(start_ids, use_cache=True, logits_to_keep=1).past_key_values
+
+    def decode(cache: Any, t: int) -> None:
+        model(next_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+
+    with torch.no_grad():
+        decode_s = median_step(prepare, decode, steps, repeats)
+        prefill_s = best(lambda: model(long_ids, use_cache=True, logits_to_keep=1), repeats)
+    return {"decode_tok_s": 1 / decode_s, "prefill_tok_s": prefill / prefill_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", default=None, help="source model (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the best is kept (default 3)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)")
+    parser.add_argument("--prefill", type=int, default=512, help="prefill length (default 512)")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per timed run (default 32)")
+    parser.add_argument("--context", type=int, default=128, help="KV-cache context for the decode timings (default 128)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from surgery.api import parallel
+    from surgery.source import open_source
+
+    source = open_source(args.model, quiet=True)
+    work = Path(tempfile.mkdtemp(prefix="parallel-speed-"))
+    try:
+        return _run(args, source.path, source.name, work, parallel)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, source_path: Path, source_name: str, work: Path, parallel: Any) -> int:
+    print(f"source: {source_name}; torch {torch.__version__}, {args.threads} thread(s), best of {args.repeats}", file=sys.stderr)
+    pairs, shared = work / "pairs", work / "pairs-shared"
+    parallel(source_path, pairs, groups=PAIRS, quiet=True)
+    parallel(source_path, shared, groups=PAIRS, mlp_input="shared", quiet=True)
+    blocks = {k: work / f"block{k}" for k in (2, 4)}
+    for k, path in blocks.items():
+        parallel(source_path, path, groups=f"10-{10 + k - 1}", quiet=True)
+
+    rows_a: list[str] = []
+    rows_b: list[str] = []
+    for name in args.dtypes.split(","):
+        dtype = DTYPES[name]
+        base = load(source_path, dtype, remote=False)
+        for k, path in blocks.items():
+            wide = load(path, dtype, remote=True)
+            seq = block_timings(base, 10, k, args.context, args.prefill, args.steps, args.repeats)
+            par = block_timings(wide, 10, 1, args.context, args.prefill, args.steps, args.repeats)
+            rows_a.append(
+                f"| {name} | K={k} | {seq['decode_ms']:.2f} | {par['decode_ms']:.2f} | {seq['decode_ms'] / par['decode_ms']:.2f}x "
+                f"| {seq['prefill_ms']:.1f} | {par['prefill_ms']:.1f} | {seq['prefill_ms'] / par['prefill_ms']:.2f}x |"
+            )
+            print(rows_a[-1], file=sys.stderr)
+            del wide
+        plain = model_timings(base, 16, args.prefill, args.steps, args.repeats)
+        for label, path in (("exact", pairs), ("shared (approximation)", shared)):
+            merged = load(path, dtype, remote=True)
+            fast = model_timings(merged, 16, args.prefill, args.steps, args.repeats)
+            rows_b.append(
+                f"| {name} | {label} | {plain['decode_tok_s']:.1f} | {fast['decode_tok_s']:.1f} | "
+                f"{fast['decode_tok_s'] / plain['decode_tok_s']:.2f}x | {plain['prefill_tok_s']:.0f} | "
+                f"{fast['prefill_tok_s']:.0f} | {fast['prefill_tok_s'] / plain['prefill_tok_s']:.2f}x | 1.25x |"
+            )
+            print(rows_b[-1], file=sys.stderr)
+            del merged
+        del base
+
+    print(f"(a) one wide block vs the K layers in sequence, SmolLM2-135M layers 10.., CPU, {args.threads} thread(s)\n")
+    print(f"| dtype | group | decode ms, K layers | decode ms, wide | speed-up | prefill-{args.prefill} ms, K layers "
+          f"| prefill-{args.prefill} ms, wide | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows_a))
+    print(f"\n(b) whole model, parallel pairs over layers 10-21 (depth 30 -> 24), CPU, {args.threads} thread(s)\n")
+    print(f"| dtype | mlp-input | decode tok/s, 30 layers | decode tok/s, depth 24 | speed-up | prefill-{args.prefill} tok/s, "
+          f"30 layers | prefill-{args.prefill} tok/s, depth 24 | speed-up | physical limit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows_b))
+    print("\nGPU: not measured (no GPU on this machine).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

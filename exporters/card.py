@@ -1,0 +1,588 @@
+"""The model card (``README.md``) of an output directory: written at surgery time, updated by validation and push.
+
+The card is truthful by construction: every statement in it is derived from the plan, the source
+and the files written, never typed by hand. Its YAML metadata carries ``base_model`` (the source's
+Hub repo id, or the local path's name when no repo id is known), ``base_model_relation`` only where
+one of the Hub's relations describes the change, ``library_name: transformers``, ``pipeline_tag``
+where the model class says it, ``tags`` naming the operations plus ``layer-surgery``, and the
+source's license. The body says what was done in one sentence, then gives the recipe, the layer
+map, parameter counts before and after, the validation table (once validation ran) and how to
+load the model.
+
+Two sections are delimited by HTML comments so that later steps rewrite only their part:
+validation (:func:`update_card_with_validation`) and loading (:func:`set_card_repo_id`, called by
+the push once the repo id is known).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery.checkpoint import INDEX_FILENAME, read_header, read_tensor_index
+from surgery.errors import ModelCardError
+from surgery.plan import RECIPE_FILENAME, format_ranges
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+    from surgery.engine import SurgeryResult
+    from surgery.source import Source
+
+CARD_FILENAME = "README.md"
+LOCAL_PLACEHOLDER = "path/to/this/directory"
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_VALIDATION = ("<!-- layer-surgery:validation -->", "<!-- /layer-surgery:validation -->")
+_LOAD = ("<!-- layer-surgery:load -->", "<!-- /layer-surgery:load -->")
+_NOT_VALIDATED = "Not validated yet: no comparison with the source model has been run on this output."
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_CACHE_DIR = re.compile(r"^models--([\w.-]+)--([\w.-]+)$")
+_LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+# -- what the card says about the source -------------------------------------------------------
+
+
+def base_model_of(source: Source) -> str:
+    """The card's ``base_model``: the source's Hub repo id when known, else the local path's name.
+
+    Known repo ids: a Hub source, the embedded default model, a directory inside a Hugging Face
+    cache (``models--ORG--NAME/snapshots/SHA``), and a GGUF file whose metadata names its source repo.
+
+    Example:
+        >>> from surgery.source import Source
+        >>> base_model_of(Source("org/model", Path("/tmp/x"), repo_id="org/model"))
+        'org/model'
+        >>> base_model_of(Source("/data/my-model/", Path("/data/my-model")))
+        'my-model'
+    """
+    if source.repo_id:
+        return source.repo_id
+    if source.name == "default":
+        return DEFAULT_BASE_MODEL
+    path = Path(source.name).expanduser()
+    for part in (path, *path.parents):
+        match = _HUB_CACHE_DIR.match(part.name)
+        if match:
+            return f"{match.group(1)}/{match.group(2)}"
+    gguf = _gguf_file(source)
+    if gguf is not None:
+        meta = _gguf_metadata(gguf)
+        url = str(meta.get("general.source.huggingface.repository") or meta.get("general.source.repo_url") or "")
+        repo = url.removeprefix("https://huggingface.co/").strip("/")
+        if _REPO_ID.match(repo):
+            return repo
+    return path.resolve().name if path.exists() else path.name
+
+
+def _gguf_file(source: Source) -> Path | None:
+    if source.name == "default":
+        from surgery.source import default_model_path
+
+        try:
+            return default_model_path()
+        except Exception:  # the embedded model is optional; the card then just lacks its metadata
+            return None
+    path = Path(source.name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else None
+    return None
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    """The ``general.*`` string fields of a GGUF header (empty when it cannot be read)."""
+    stat = path.stat()
+    return dict(_read_gguf_metadata(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_gguf_metadata(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...]:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        out = []
+        for key, value in reader.fields.items():
+            if key.startswith("general."):
+                try:
+                    content = value.contents()
+                except Exception:  # a field type this gguf version cannot decode: skip it
+                    continue
+                if isinstance(content, str):
+                    out.append((key, content))
+        return tuple(out)
+    except Exception:  # no gguf package or an unreadable file: the card just lacks these fields
+        return ()
+
+
+def license_of(source: Source) -> dict[str, str]:
+    """The source's license fields (``license``, ``license_name``, ``license_link``), to carry over.
+
+    Read from the source's own model card metadata, or from a GGUF file's ``general.license``.
+    """
+    from huggingface_hub.repocard import metadata_load
+
+    readme = source.path / CARD_FILENAME
+    if readme.is_file():
+        try:
+            meta = metadata_load(readme) or {}
+        except Exception:  # an unparsable source card: no license to carry, never a failed surgery
+            meta = {}
+        found = {k: str(meta[k]) for k in _LICENSE_KEYS if isinstance(meta.get(k), (str, int, float))}
+        if found:
+            return found
+    gguf = _gguf_file(source)
+    if gguf is not None:
+        value = _gguf_metadata(gguf).get("general.license")
+        if value:
+            return {"license": value.strip().lower()}
+    return {}
+
+
+def source_parameter_count(source: Source) -> int | None:
+    """Parameters in the whole source checkpoint, from safetensors headers only (no weights read).
+
+    Shards a Hub source has not downloaded are counted from their headers on the Hub (byte-range
+    reads). Returns None when a header cannot be read.
+    """
+    index = source.path / INDEX_FILENAME
+    if not index.exists():
+        if source.pending_files:
+            source.fetch(source.pending_files)
+        return sum(e.numel for e in read_tensor_index(source.path).values())
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    total = 0
+    remote = []
+    for shard in shards:
+        if shard in source.pending_files or not (source.path / shard).exists():
+            remote.append(shard)
+        else:
+            total += sum(e.numel for e in read_header(source.path / shard)[0].values())
+    if remote:
+        if source.repo_id is None:
+            return None
+        from huggingface_hub import HfApi
+
+        from exporters.hub import hub_endpoint
+
+        api = HfApi(endpoint=hub_endpoint())
+        try:
+            for shard in remote:
+                meta = api.parse_safetensors_file_metadata(source.repo_id, shard, revision=source.revision)
+                total += sum(meta.parameter_count.values())
+        except Exception:  # network or format trouble: the card says "unknown" rather than a wrong number
+            return None
+    return total
+
+
+# -- building the card ---------------------------------------------------------------------------
+
+
+def _sentence(result: SurgeryResult, base: str) -> str:
+    """What was done, in one sentence."""
+    plan = result.recipe.plan
+    n, m = plan.num_source_layers, len(plan)
+    applied = plan.source_sequence()
+    changes = []
+    dropped = sorted(set(range(n)) - set(applied))
+    if dropped:
+        changes.append(f"layer{'s' if len(dropped) > 1 else ''} {format_ranges(dropped)} removed")
+    # repeats beyond a group's own loop (the loop is said with the group)
+    once = [i for step in plan.layers for i in (step.layers if not isinstance(step, int) else (step,))]
+    repeated = sorted(i for i, count in Counter(once).items() if count > 1)
+    if repeated:
+        changes.append(f"layer{'s' if len(repeated) > 1 else ''} {format_ranges(repeated)} repeated")
+    if "layer-reordered" in plan.operations:
+        changes.append("the layer order changed")
+    for group in plan.groups:
+        times = f", applied {group.loop} times in a row" if group.loop > 1 else ""
+        shared = " (MLPs sharing one input: an approximation)" if group.mlp_input == "shared" else ""
+        changes.append(f"layers {format_ranges(list(group.layers))} run in parallel on the same input "
+                       f"with their outputs averaged{shared}{times}")
+    if not changes:
+        what = "its layers unchanged"
+    elif len(changes) == 1:
+        what = changes[0]
+    else:
+        what = "; ".join(changes[:-1]) + "; and " + changes[-1]
+    dtype = result.recipe.options.dtype
+    copied = f"copied, cast to {dtype}," if dtype else "copied unchanged"
+    if plan.groups:
+        depth = f"{n} layers → {m} layer applications in {len(plan.layers)} blocks"
+        copied += " (a group's layers side by side in one wide block)"
+    else:
+        depth = f"{n} → {m} layers"
+    return (f"This model is {base} with {what} ({depth}), rebuilt by layer-surgery: "
+            f"no weights were trained, the source's tensors are {copied} and renamed.")
+
+
+def _pipeline_tag(class_name: str) -> str | None:
+    if class_name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "text-generation"
+    if class_name.endswith("ForMaskedLM"):
+        return "fill-mask"
+    if class_name.endswith("Model"):
+        return "feature-extraction"
+    return None
+
+
+def _auto_class(class_name: str) -> str:
+    if class_name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "AutoModelForCausalLM"
+    if class_name.endswith("ForMaskedLM"):
+        return "AutoModelForMaskedLM"
+    return "AutoModel"
+
+
+def load_snippet(directory: Path, model_id: str) -> str:
+    """The "how to load" block for the model in ``directory``, loaded as ``model_id``.
+
+    Uses ``trust_remote_code=True`` when the config maps its classes to code in the repository
+    (``auto_map``; wide-block models), and loads the tokenizer when tokenizer files are present.
+    """
+    config = json.loads((directory / "config.json").read_text())
+    class_name = (config.get("architectures") or ["AutoModel"])[0]
+    remote = bool(config.get("auto_map"))
+    auto = _auto_class(class_name)
+    extra = ", trust_remote_code=True" if remote else ""
+    has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    lines = ["```python", f"from transformers import {auto}" + (", AutoTokenizer" if has_tokenizer else ""), ""]
+    lines.append(f'model = {auto}.from_pretrained("{model_id}"{extra})')
+    if has_tokenizer:
+        lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{model_id}"{extra})')
+    lines.append("```")
+    if remote:
+        lines += ["", "This model's blocks are defined by code shipped in the repository (`auto_map` in `config.json`), "
+                  "hence `trust_remote_code=True`: read that code before running it."]
+    return "\n".join(lines)
+
+
+def _section(markers: tuple[str, str], body: str) -> str:
+    return f"{markers[0]}\n{body}\n{markers[1]}"
+
+
+def build_card(directory: Path, result: SurgeryResult, source: Source) -> str:
+    """The full card text (YAML metadata and Markdown body) for the output written in ``directory``.
+
+    Args:
+        directory: the (staging) output directory, already holding ``config.json`` and the recipe.
+        result: what the engine wrote.
+        source: the source the plan was applied to.
+
+    Returns:
+        The README.md text; it parses with ``huggingface_hub.ModelCard``.
+    """
+    from huggingface_hub import ModelCardData
+
+    plan = result.recipe.plan
+    arch = result.architecture
+    base = base_model_of(source)
+    on_hub = bool(_REPO_ID.match(base))  # a path's name has no '/': only known repo ids match
+    operations = list(plan.operations)
+    licenses = license_of(source)
+    data = ModelCardData(
+        base_model=base,
+        # The Hub's relations are adapter, merge, quantized and finetune; only a merge of layers
+        # describes a layer rewrite, so dropping, repeating and reordering leave it unset.
+        base_model_relation="merge" if "parallel-merged" in operations else None,
+        library_name="transformers",
+        pipeline_tag=_pipeline_tag(arch.class_name),
+        tags=[*operations, "layer-surgery"],
+        license=licenses.get("license"),
+        license_name=licenses.get("license_name"),
+        license_link=licenses.get("license_link"),
+    )
+    source_params = source_parameter_count(source)
+    from exporters.hub import hub_endpoint
+
+    base_text = f"[{base}]({hub_endpoint() or 'https://huggingface.co'}/{base})" if on_hub else f"`{base}`"
+    if source.name == "default":
+        base_text += " (the embedded Q4_1 GGUF, dequantized)"
+        rebuild_source = ""
+    else:
+        if _gguf_file(source) is not None:
+            base_text += " (a GGUF file, dequantized)"
+        rebuild_source = f"{base} " if on_hub else "SOURCE "
+
+    # Nothing here depends on where the output was written: one recipe gives one card, byte for byte.
+    lines = [f"# {base}: {', '.join(operations) or 'layers unchanged'}", "", _sentence(result, base_text), ""]
+    lines += [
+        f"- **Source:** {base_text}, `{arch.class_name}` (model_type `{arch.model_type}`)",
+        f"- **Operations:** {', '.join(operations) or 'none (layers unchanged)'}",
+        f"- **Layers:** {arch.num_layers} → {len(plan)}",
+        f"- **Parameters:** {_count(source_params)} → {result.output_params:,}",
+        f"- **Weights:** {result.recipe.options.dtype or 'dtype as in the source'}, "
+        f"{len(result.shards)} safetensors shard(s), {_human(result.total_bytes)}",
+        "",
+        "## Recipe",
+        "",
+        f"The plan and options, as `{RECIPE_FILENAME}` in this repository. Rebuild this model from its source with "
+        f"`surgery apply {rebuild_source}OUT --recipe {RECIPE_FILENAME}`:",
+        "",
+        "```yaml",
+        result.recipe.to_yaml().rstrip("\n"),
+        "```",
+        "",
+        "## Layer map",
+        "",
+    ]
+    types = arch.per_layer.get("layer_types")
+    lines.append("| new layer | source layer |" + (" layer type |" if types else ""))
+    lines.append("|---:|---:|" + ("---|" if types else ""))
+    for new, step in plan.positions():
+        if isinstance(step, int):
+            lines.append(f"| {new} | {step} |" + (f" {types[step]} |" if types else ""))
+        else:  # a parallel group: one wide block in the new model
+            kinds = f" {', '.join(sorted({str(types[i]) for i in step.layers}))} |" if types else ""
+            lines.append(f"| {new} | {format_ranges(list(step.layers))} in parallel (`{step}`) |" + kinds)
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        "| | layers | parameters |",
+        "|---|---:|---:|",
+        f"| source | {arch.num_layers} | {_count(source_params)} |",
+        f"| this model | {len(plan)} | {result.output_params:,} |",
+        "",
+        "## Validation",
+        "",
+        _section(_VALIDATION, _NOT_VALIDATED),
+        "",
+        "## How to load",
+        "",
+        _section(_LOAD, "From the output directory (`surgery push` puts the Hub repo id here):\n\n"
+                 + load_snippet(directory, LOCAL_PLACEHOLDER)),
+        "",
+        "Made with layer-surgery, which rewrites a model's layer stack by copying the source's tensors "
+        "into a new checkpoint; the recipe above rebuilds it.",
+        "",
+    ]
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    validate_card(text, origin=str(directory / CARD_FILENAME))
+    return text
+
+
+def _count(params: int | None) -> str:
+    return "unknown" if params is None else f"{params:,}"
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (a reader never sees half a card)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_card(directory: Path, result: SurgeryResult, source: Source) -> Path:
+    """Write ``README.md`` into an output (staging) directory; called by the engine after the recipe.
+
+    Args:
+        directory: the directory being written, with ``config.json`` and the recipe already in it.
+        result: what the engine wrote.
+        source: the source model.
+
+    Returns:
+        The path of the card.
+
+    Raises:
+        ModelCardError: the generated card does not parse (a bug, reported rather than uploaded).
+
+    Example:
+        >>> write_card(staging, result, source)  # doctest: +SKIP
+        PosixPath('.../README.md')
+    """
+    path = directory / CARD_FILENAME
+    _write(path, build_card(directory, result, source))
+    return path
+
+
+# -- reading and validating ----------------------------------------------------------------------
+
+
+def validate_card(text_or_path: str | Path, *, origin: str | None = None) -> ModelCard:
+    """Parse a card with ``huggingface_hub.ModelCard`` and check it has YAML metadata.
+
+    Args:
+        text_or_path: the card text, or the path of a README.md.
+        origin: the name used in errors (default: the path, or ``README.md``).
+
+    Returns:
+        The parsed :class:`huggingface_hub.ModelCard`.
+
+    Raises:
+        ModelCardError: the file is missing or unreadable, the metadata is not valid YAML or not a
+            mapping, or it is empty.
+
+    Example:
+        >>> validate_card("---\\nlibrary_name: transformers\\n---\\n# m\\n").data.library_name
+        'transformers'
+    """
+    from huggingface_hub import ModelCard
+
+    if isinstance(text_or_path, Path):
+        origin = origin or str(text_or_path)
+        try:
+            text = text_or_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ModelCardError(origin, "is missing", hint="surgery writes one into every output; re-run the surgery") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelCardError(origin, f"cannot be read ({exc})") from None
+    else:
+        text = text_or_path
+    origin = origin or CARD_FILENAME
+    if not text.startswith("---"):
+        raise ModelCardError(origin, "has no YAML metadata block at the top")
+    try:
+        card = ModelCard(text)
+    except Exception as exc:  # yaml.YAMLError, ValueError: any parse failure is a bad card
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelCardError(origin, f"does not parse as a model card ({first})") from None
+    if not card.data.to_dict():
+        raise ModelCardError(origin, "has an empty YAML metadata block")
+    return card
+
+
+def _replace_section(text: str, markers: tuple[str, str], body: str, heading: str) -> str:
+    start, end = text.find(markers[0]), text.find(markers[1])
+    if start != -1 and end > start:
+        return text[:start] + _section(markers, body) + text[end + len(markers[1]):]
+    return text.rstrip("\n") + f"\n\n## {heading}\n\n{_section(markers, body)}\n"
+
+
+def set_card_repo_id(directory: str | os.PathLike[str], repo_id: str) -> bool:
+    """Point the card's loading snippet at ``repo_id`` (the push calls this before uploading).
+
+    Returns:
+        True when the card changed; False when there is no card or no config to derive it from.
+    """
+    directory = Path(directory)
+    path = directory / CARD_FILENAME
+    if not path.is_file() or not (directory / "config.json").is_file():
+        return False
+    text = path.read_text(encoding="utf-8")
+    updated = _replace_section(text, _LOAD, load_snippet(directory, repo_id), "How to load")
+    if updated == text:
+        return False
+    validate_card(updated, origin=str(path))
+    _write(path, updated)
+    return True
+
+
+# -- validation results --------------------------------------------------------------------------
+
+_METRICS = ("kl", "top1", "ppl_original", "ppl_new")
+
+
+def _number(value: Any, key: str, origin: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelCardError(origin, f"validation report field {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def validation_table(report: Mapping[str, Any] | Sequence[Mapping[str, Any]], origin: str = "report") -> str:
+    """The Markdown table for one validation report or several (one row per text); see
+    :func:`update_card_with_validation` for the expected shape."""
+    rows = [report] if isinstance(report, Mapping) else list(report)
+    if not rows:
+        raise ModelCardError(origin, "the validation report is empty")
+    lines = [
+        "| text | tokens | KL(source ‖ this) ↓ | top-1 agreement ↑ | perplexity, source | perplexity, this model |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise ModelCardError(origin, f"a validation report must be a dict, got {type(row).__name__}")
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ModelCardError(origin, "a validation report needs 'text': the name of the text it was measured on")
+        values = {k: _number(row.get(k), k, origin) for k in _METRICS}
+        if all(v is None for v in values.values()):
+            raise ModelCardError(origin, f"the report for {text!r} has none of {', '.join(_METRICS)}")
+        kl, top1 = values["kl"], values["top1"]
+        if kl is not None and kl < 0:
+            raise ModelCardError(origin, f"'kl' cannot be negative, got {kl}")
+        if top1 is not None and not 0 <= top1 <= 1:
+            raise ModelCardError(origin, f"'top1' is a fraction between 0 and 1, got {top1}")
+        tokens = row.get("tokens")
+        cells = [
+            " ".join(text.split()).replace("|", "\\|"),
+            f"{int(tokens):,}" if isinstance(tokens, int) and not isinstance(tokens, bool) else "—",
+            "—" if kl is None else f"{kl:.4g}",
+            "—" if top1 is None else f"{top1:.1%}",
+            "—" if values["ppl_original"] is None else f"{values['ppl_original']:.2f}",
+            "—" if values["ppl_new"] is None else f"{values['ppl_new']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_card_with_validation(
+    out_dir: str | os.PathLike[str], report: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+) -> Path:
+    """Record validation results in the output's card (the validation step calls this).
+
+    The expected ``report`` is a dict (or a list of dicts, one per evaluation text)::
+
+        {
+            "text": "wikitext-2-raw-v1 test, first 4,096 tokens",  # required: what it was measured on
+            "tokens": 4096,          # optional: tokens scored
+            "kl": 0.0421,            # mean KL(source || new) per token, in nats (>= 0)
+            "top1": 0.912,           # fraction of positions whose top-1 token agrees (0..1)
+            "ppl_original": 11.84,   # perplexity of the source model on the text
+            "ppl_new": 13.07,        # perplexity of this model on the text
+        }
+
+    At least one of ``kl``, ``top1``, ``ppl_original``, ``ppl_new`` must be present; other keys are
+    ignored. Running it again replaces the previous table.
+
+    Args:
+        out_dir: an output directory written by surgery (it holds ``README.md``).
+        report: the validation results, as above.
+
+    Returns:
+        The path of the updated card.
+
+    Raises:
+        ModelCardError: no card in ``out_dir``, or a report of the wrong shape.
+
+    Example:
+        >>> update_card_with_validation("out/smol-19", {"text": "wikitext-2 test", "kl": 0.04,
+        ...     "top1": 0.91, "ppl_original": 11.8, "ppl_new": 13.1})  # doctest: +SKIP
+        PosixPath('out/smol-19/README.md')
+    """
+    path = Path(out_dir) / CARD_FILENAME
+    validate_card(path)
+    table = validation_table(report, origin=str(path))
+    text = path.read_text(encoding="utf-8")
+    body = "Measured by comparing this model with its source on the same tokens:\n\n" + table
+    updated = _replace_section(text, _VALIDATION, body, "Validation")
+    validate_card(updated, origin=str(path))
+    _write(path, updated)
+    return path

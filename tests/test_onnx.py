@@ -1,0 +1,368 @@
+"""ONNX export with KV cache, validated against PyTorch in ONNX Runtime, and the runner.
+
+Breadth on tiny random models (Llama, Qwen 3 and Gemma 3 with sliding windows shorter than the
+prompts, GPT-2, a wide-block model, BERT); truth on SmolLM2-135M (original, pruned, repeated),
+Gemma 3 270M and all-MiniLM-L6-v2. Every export here runs the full validation: prefill, decode step
+and left-padded batch logits against PyTorch, and 16 greedy tokens against ``transformers`` generate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+import surgery
+from exporters import onnx as onnx_export
+from exporters import onnx_runtime
+from exporters.onnx import EXTERNAL_DATA_FILENAME, OnnxExportResult, export_onnx
+from exporters.onnx_runtime import OnnxCausalLM, cuda_problem, generate
+from surgery.cli import main
+from surgery.errors import (
+    CudaUnavailableError,
+    OnnxExportError,
+    OnnxOpsetError,
+    OnnxValidationError,
+    OutputExistsError,
+    SurgeryError,
+    UnsupportedArchitectureError,
+)
+
+TINY_DECODERS = ["llama", "qwen3", "gemma3", "gpt2"]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _graph(directory: Path) -> onnx.GraphProto:
+    return onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+
+
+def _assert_decoder_layout(directory: Path, layers: int, elem_type: int = onnx.TensorProto.FLOAT) -> None:
+    """The names, the dynamic axes and the files the ecosystem's loaders expect."""
+    graph = _graph(directory)
+    inputs = {v.name: v for v in graph.input}
+    outputs = {v.name: v for v in graph.output}
+    expected_in = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    assert [v.name for v in graph.input] == expected_in
+    assert [v.name for v in graph.output] == ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    assert _dims(inputs["input_ids"]) == ["batch_size", "sequence_length"]
+    assert _dims(inputs["position_ids"]) == ["batch_size", "sequence_length"]
+    assert _dims(inputs["attention_mask"]) == ["batch_size", "total_sequence_length"]
+    past = _dims(inputs["past_key_values.0.key"])
+    assert past[0] == "batch_size" and past[2] == "past_sequence_length" and isinstance(past[1], int)
+    present = _dims(outputs["present.0.key"])
+    assert present[0] == "batch_size" and isinstance(present[2], str) and "past_sequence_length" in present[2]
+    assert _dims(outputs["logits"])[:2] == ["batch_size", "sequence_length"]
+    assert inputs["past_key_values.0.key"].type.tensor_type.elem_type == elem_type
+    for name in ("config.json", "generation_config.json", "onnx-export.json"):
+        assert (directory / name).is_file(), name
+
+
+def _assert_validated(result: OnnxExportResult) -> None:
+    report = result.validation
+    assert report is not None and report.passed, report.format() if report else "no report"
+    assert report.provider == "CPUExecutionProvider"
+    names = [check.name for check in report.checks]
+    if result.kind == "decoder":
+        assert len(names) == 5 and names[0].startswith("prefill") and names[-1].startswith("greedy 16 tokens")
+    saved = json.loads((result.out / "onnx-export.json").read_text())
+    assert saved["validation"]["passed"] and saved["validation"]["provider"] == "CPUExecutionProvider"
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., OnnxExportResult]:
+    """``tiny_onnx("llama")`` -> the validated fp32 export of a tiny model, once per module."""
+    root = tmp_path_factory.mktemp("onnx-tiny")
+    done: dict[tuple[str, str], OnnxExportResult] = {}
+
+    def make(name: str, dtype: str = "fp32") -> OnnxExportResult:
+        if (name, dtype) not in done:
+            done[(name, dtype)] = export_onnx(tiny_model(name), root / f"{name}-{dtype}", dtype=dtype, quiet=True)
+        return done[(name, dtype)]
+
+    return make
+
+
+# ------------------------------------------------------------------------------------------ tiny: breadth
+
+
+@pytest.mark.parametrize("name", TINY_DECODERS)
+def test_tiny_decoder_exports_and_validates(tiny_onnx: Callable[..., OnnxExportResult], name: str) -> None:
+    result = tiny_onnx(name)
+    assert result.kind == "decoder" and result.num_layers == 6 and not result.external_data
+    _assert_validated(result)
+    _assert_decoder_layout(result.out, 6)
+
+
+def test_validate_onnx_again(tiny_onnx: Callable[..., OnnxExportResult], tiny_model: Callable[..., Path]) -> None:
+    """An existing ONNX directory re-validated against its source model."""
+    report = surgery.validate_onnx(tiny_onnx("gpt2").out, tiny_model("gpt2"))
+    assert report.passed and report.provider == "CPUExecutionProvider" and len(report.checks) == 5
+
+
+def test_tiny_runner_serves_first_and_later_steps_with_io_binding(tiny_onnx: Callable[..., OnnxExportResult]) -> None:
+    """One graph for past length 0 and later; I/O binding (the CUDA path) gives the same tokens on the CPU."""
+    directory = tiny_onnx("gemma3").out  # sliding window 4: the prompt and the generation run past it
+    plain = OnnxCausalLM.load(directory, io_binding=False)
+    bound = OnnxCausalLM.load(directory)  # I/O binding: the default
+    ids = np.array([[0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    a = plain.greedy(ids, mask, max_new_tokens=12)
+    b = bound.greedy(ids, mask, max_new_tokens=12)
+    assert a.tokens.shape == (2, 12)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    logits, present = plain.forward(ids[:1], mask[:1], np.array([[1, 1, 1, 0, 1, 2]]), plain.empty_cache(1))
+    assert logits.shape == (1, 6, 128) and present[0].shape[2] == 6  # every layer keeps its whole past
+
+
+def test_tiny_encoder_bert(tiny_onnx: Callable[..., OnnxExportResult]) -> None:
+    result = tiny_onnx("bert")
+    assert result.kind == "encoder"
+    _assert_validated(result)
+    graph = _graph(result.out)
+    assert [v.name for v in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [v.name for v in graph.output] == ["last_hidden_state"]
+    assert _dims(graph.input[0]) == ["batch_size", "sequence_length"]
+
+
+def test_wide_block_model_with_onnx_option(tiny_model: Callable[..., Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A wide-block checkpoint (modelling code inside, heads differing per layer) through --onnx on the verb
+    that wrote it: export, validation, and the runner finding OUT/onnx."""
+    if not hasattr(surgery.api, "parallel"):
+        pytest.skip("wide blocks (surgery parallel) are not in this tree")
+    out = tmp_path / "wide"
+    assert main(["parallel", str(tiny_model("llama")), str(out), "--groups", "1-2,3-4", "--onnx", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "validation passed on CPUExecutionProvider" in text and f"wrote {out / 'onnx'}" in text
+    _assert_decoder_layout(out / "onnx", 4)
+    report = json.loads((out / "onnx" / "onnx-export.json").read_text())
+    assert report["validation"]["passed"] and report["kind"] == "decoder"
+    lm = OnnxCausalLM.load(out)  # finds OUT/onnx
+    assert lm.num_layers == 4 and {c.heads for c in lm.cache} == {2, 4}  # wide blocks carry both branches' heads
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_export_onnx_with_external_data(tiny_model: Callable[..., Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Weights above the threshold (2 GB; 0 here) go to model.onnx_data, which ONNX Runtime reads."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "cli"
+    assert main(["export-onnx", str(tiny_model("gpt2")), str(out), "--quiet", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["kind"] == "decoder" and body["external_data"]
+    assert body["validation"]["passed"] and body["validation"]["provider"] == "CPUExecutionProvider"
+    assert (out / EXTERNAL_DATA_FILENAME).stat().st_size > 0
+    _assert_decoder_layout(out, 6)
+
+
+def test_source_onnx_directory_is_not_carried_along(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    import shutil
+
+    source = tmp_path / "with-onnx"
+    shutil.copytree(tiny_model("llama"), source)
+    (source / "onnx").mkdir()
+    (source / "onnx" / "onnx-export.json").write_text("{}")
+    (source / "onnx" / "tokenizer.json").write_text("{}")
+    surgery.prune(source, tmp_path / "pruned", drop="1-2", quiet=True)
+    assert not (tmp_path / "pruned" / "onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("surgery: error:") and "\n" not in err, err
+    return err
+
+
+def _nothing_written(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], "a staging directory was left behind"
+
+
+def test_opset_too_old(tiny_model: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(OnnxOpsetError) as info:
+        export_onnx(tiny_model("llama"), tmp_path / "o", opset=13)
+    assert info.value.opset == 13 and info.value.minimum == 18
+    err = _one_line_exit_2(["export-onnx", str(tiny_model("llama")), str(tmp_path / "o"), "--opset", "13"], capsys)
+    assert "opset 13 is too old" in err
+    _nothing_written(tmp_path, "o")
+
+
+def test_destination_exists(tiny_model: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError):
+        export_onnx(tiny_model("llama"), tmp_path / "taken")
+    err = _one_line_exit_2(["export-onnx", str(tiny_model("llama")), str(tmp_path / "taken")], capsys)
+    assert "already exists" in err
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+def test_untraceable_architecture(tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A forward with data-dependent control flow cannot be traced: one line, exit 2, nothing written."""
+    import torch
+
+    original = onnx_export._decoder_wrapper
+
+    def untraceable(model: Any) -> torch.nn.Module:
+        inner = original(model)
+
+        class DataDependent(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids: torch.Tensor, *rest: Any) -> Any:
+                if int(input_ids.sum()) % 2:  # a branch on data
+                    input_ids = input_ids.flip(-1)
+                return self.inner(input_ids, *rest)
+
+        return DataDependent()
+
+    monkeypatch.setattr(onnx_export, "_decoder_wrapper", untraceable)
+    with pytest.raises(OnnxExportError) as info:
+        export_onnx(tiny_model("llama"), tmp_path / "bad", quiet=True)
+    assert info.value.model_type == "llama" and info.value.stage == "tracing"
+    assert isinstance(info.value, RuntimeError)
+    err = _one_line_exit_2(["export-onnx", str(tiny_model("llama")), str(tmp_path / "bad"), "--quiet"], capsys)
+    assert "cannot export architecture 'llama' to ONNX" in err
+    _nothing_written(tmp_path, "bad")
+    # --onnx on a writing verb: the fresh checkpoint is removed too, so the command leaves nothing
+    _one_line_exit_2(["prune", str(tiny_model("llama")), str(tmp_path / "pr"), "--drop", "1", "--onnx", "--quiet"], capsys)
+    _nothing_written(tmp_path, "pr")
+
+
+def test_unsupported_architecture(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    import shutil
+
+    source = tmp_path / "classifier"
+    shutil.copytree(tiny_model("bert"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["architectures"] = ["BertForSequenceClassification"]
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="causal language models and base encoders"):
+        export_onnx(source, tmp_path / "cls", quiet=True)
+    _nothing_written(tmp_path, "cls")
+
+
+def test_validation_failure_writes_nothing(tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", 0.0)
+    with pytest.raises(OnnxValidationError) as info:
+        export_onnx(tiny_model("gpt2"), tmp_path / "strict", quiet=True)
+    assert info.value.provider == "CPUExecutionProvider" and info.value.tolerance == 0.0
+    assert "--no-validate" in info.value.one_line()
+    _nothing_written(tmp_path, "strict")
+    # --no-validate writes it anyway
+    assert main(["export-onnx", str(tiny_model("gpt2")), str(tmp_path / "strict"), "--no-validate", "--quiet"]) == 0
+    assert "validation skipped" in capsys.readouterr().out
+    assert (tmp_path / "strict" / "model.onnx").is_file()
+
+
+@pytest.mark.skipif(cuda_problem() is None, reason="this machine can run ONNX Runtime on CUDA")
+def test_cuda_unavailable(tiny_onnx: Callable[..., OnnxExportResult], capsys: pytest.CaptureFixture[str],
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tiny_onnx("llama").out
+    problem = cuda_problem()
+    assert problem
+    with pytest.raises(CudaUnavailableError) as info:
+        generate(directory, "hi", device="cuda")
+    assert info.value.reason == problem
+    err = _one_line_exit_2(["generate", str(directory), "--prompt", "hi", "--device", "cuda"], capsys)
+    assert "CUDA requested but unavailable" in err
+    with pytest.raises(CudaUnavailableError):
+        export_onnx(directory, directory.parent / "never", device="cuda")
+    _nothing_written(directory.parent, "never")
+    # When the checks pass but ONNX Runtime still falls back to the CPU (it does so silently), that is caught too.
+    monkeypatch.setattr(onnx_runtime, "cuda_problem", lambda: None)
+    with pytest.raises(CudaUnavailableError, match="fell back to CPUExecutionProvider"):
+        OnnxCausalLM.load(directory, "cuda")
+
+
+def test_generate_needs_a_tokenizer(tiny_onnx: Callable[..., OnnxExportResult]) -> None:
+    with pytest.raises(SurgeryError, match="tokenizer"):
+        generate(tiny_onnx("llama").out, "hi", max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------ real models: truth
+
+
+@pytest.fixture(scope="module")
+def smol_onnx(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxExportResult:
+    return export_onnx(smollm2_dir, tmp_path_factory.mktemp("smol") / "onnx", quiet=True)
+
+
+@pytest.mark.real
+def test_smollm2_original(smol_onnx: OnnxExportResult, capsys: pytest.CaptureFixture[str]) -> None:
+    _assert_validated(smol_onnx)
+    _assert_decoder_layout(smol_onnx.out, 30)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (smol_onnx.out / name).is_file()
+    assert smol_onnx.validation is not None
+    assert max(c.max_abs_diff or 0 for c in smol_onnx.validation.checks) <= 1e-4
+    streamed: list[str] = []
+    result = surgery.generate(smol_onnx.out, "The capital of France is", max_new_tokens=6, on_text=streamed.append)
+    assert result.provider == "CPUExecutionProvider" and "Paris" in result.text
+    assert "".join(streamed) == result.text and len(streamed) > 1  # streamed piece by piece
+    assert main(["generate", str(smol_onnx.out), "--prompt", "The capital of France is", "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out and "[CPUExecutionProvider]" in captured.err
+
+
+@pytest.fixture(scope="module")
+def smol_pruned(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smol-pruned") / "m"
+    result = surgery.prune(smollm2_dir, out, drop="10-20", quiet=True, onnx=True)
+    assert result.onnx is not None
+    _assert_validated(result.onnx)
+    return out
+
+
+@pytest.mark.real
+def test_smollm2_pruned(smol_pruned: Path) -> None:
+    _assert_decoder_layout(smol_pruned / "onnx", 19)
+    result = generate(smol_pruned, "The capital of France is", max_new_tokens=4)  # finds OUT/onnx
+    assert result.onnx_dir == smol_pruned / "onnx" and len(result.token_ids) == 4
+
+
+@pytest.mark.real
+def test_smollm2_repeated_fp16(smol_pruned: Path, tmp_path: Path) -> None:
+    """Repeated layers (of the pruned model, to bound the export time), fp16 weights and graph."""
+    out = tmp_path / "rep"
+    result = surgery.repeat(smol_pruned, out, layers="8-10", times=2, dtype="fp16", quiet=True, onnx=True)
+    assert result.onnx is not None and result.onnx.dtype == "fp16"
+    _assert_validated(result.onnx)
+    _assert_decoder_layout(out / "onnx", 22, onnx.TensorProto.FLOAT16)
+    assert generate(out, "Once upon a time", max_new_tokens=4).token_ids
+
+
+@pytest.mark.real
+def test_minilm_encoder(minilm_dir: Path, tmp_path: Path) -> None:
+    result = export_onnx(minilm_dir, tmp_path / "minilm", quiet=True)
+    assert result.kind == "encoder"
+    _assert_validated(result)
+    assert (tmp_path / "minilm" / "tokenizer.json").is_file()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_gemma3_270m(gemma3_dir: Path, tmp_path: Path) -> None:
+    """Gemma 3 270M: 18 layers, sliding-window and full layers (the graph keeps every past whole)."""
+    result = export_onnx(gemma3_dir, tmp_path / "gemma", quiet=True)
+    _assert_validated(result)
+    _assert_decoder_layout(tmp_path / "gemma", 18)
