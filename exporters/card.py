@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery.checkpoint import INDEX_FILENAME, read_header, read_tensor_index
+from surgery.engine import _human  # one formatting of sizes for the summary and the card
 from surgery.errors import ModelCardError
 from surgery.plan import RECIPE_FILENAME, format_ranges
 
@@ -375,14 +376,6 @@ def build_card(directory: Path, result: SurgeryResult, source: Source) -> str:
 
 def _count(params: int | None) -> str:
     return "unknown" if params is None else f"{params:,}"
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1000
-    return f"{size:.1f} TB"
 
 
 def _write(path: Path, text: str) -> None:
