@@ -18,7 +18,7 @@ from exporters.safetensors import OutputTensor, layout_shards, output_dtype, wri
 from exporters.staging import check_output, staged_output
 from surgery.architecture import Architecture, detect
 from surgery.checkpoint import INDEX_FILENAME, TensorEntry, read_header, read_tensor_index
-from surgery.errors import UnsupportedArchitectureError
+from surgery.errors import CheckpointError, UnsupportedArchitectureError
 from surgery.plan import RECIPE_FILENAME, Recipe
 from surgery.source import Source
 
@@ -92,6 +92,25 @@ def _tensor_names(source: Source) -> tuple[list[str], dict[str, str] | None]:
         return list(weight_map), weight_map
     source.fetch(source.pending_files)
     return list(read_tensor_index(source.path)), None
+
+
+def read_needed_tensors(source: Source, weight_map: dict[str, str] | None, needed: list[str]) -> dict[str, TensorEntry]:
+    """Headers of the shards that hold ``needed`` (fetched first for a Hub source), or of every file when unsharded.
+
+    Raises:
+        CheckpointError: the index names a tensor that its shard does not hold.
+    """
+    if weight_map is None:
+        return read_tensor_index(source.path)
+    files = sorted({weight_map[n] for n in needed})
+    source.fetch(files)
+    tensors: dict[str, TensorEntry] = {}
+    for file in files:
+        tensors.update(read_header(source.path / file)[0])
+    missing = [n for n in needed if n not in tensors]
+    if missing:
+        raise CheckpointError(str(source.path / INDEX_FILENAME), f"names {missing[0]!r}, which its shard does not hold")
+    return tensors
 
 
 def plan_tensors(
@@ -179,19 +198,7 @@ def execute(
 
     kept_layers = set(plan.layers)
     needed = [n for n in names if (layer := architecture.layer_of(n)) is None or layer in kept_layers]
-    if weight_map is not None:
-        files = sorted({weight_map[n] for n in needed})
-        source.fetch(files)
-        tensors: dict[str, TensorEntry] = {}
-        for file in files:
-            tensors.update(read_header(source.path / file)[0])
-        missing = [n for n in needed if n not in tensors]
-        if missing:
-            from surgery.errors import CheckpointError
-
-            raise CheckpointError(str(source.path / INDEX_FILENAME), f"names {missing[0]!r}, which its shard does not hold")
-    else:
-        tensors = read_tensor_index(source.path)
+    tensors = read_needed_tensors(source, weight_map, needed)
     source_params = sum(e.numel for e in tensors.values())
     selected = {n: tensors[n] for n in needed}
     outputs = plan_tensors(selected, architecture, recipe)

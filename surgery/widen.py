@@ -55,8 +55,8 @@ from typing import Any
 from exporters.safetensors import ComputedSource, OutputTensor, layout_shards, output_dtype, write_shards
 from exporters.staging import check_output, staged_output
 from surgery.architecture import Architecture, detect
-from surgery.checkpoint import INDEX_FILENAME, TensorEntry, read_header, read_tensor_index
-from surgery.engine import _TORCH_DTYPE_NAMES, SurgeryResult, _human, _tensor_names
+from surgery.checkpoint import TensorEntry
+from surgery.engine import _TORCH_DTYPE_NAMES, SurgeryResult, _human, _tensor_names, read_needed_tensors
 from surgery.errors import CheckpointError, ParallelMergeError, PlanError
 from surgery.modeling_wide import BASE_LINE, SHIPPED_FILES, TEMPLATE_DIR
 from surgery.plan import RECIPE_FILENAME, ParallelGroup, Plan, Recipe
@@ -512,20 +512,6 @@ def ship_modeling_code(directory: Path, base_model_type: str) -> list[Path]:
     return written
 
 
-def _read_entries(source: Source, names: list[str], weight_map: dict[str, str] | None, needed: list[str]) -> dict[str, TensorEntry]:
-    if weight_map is None:
-        return read_tensor_index(source.path)
-    files = sorted({weight_map[n] for n in needed})
-    source.fetch(files)
-    tensors: dict[str, TensorEntry] = {}
-    for file in files:
-        tensors.update(read_header(source.path / file)[0])
-    missing = [n for n in needed if n not in tensors]
-    if missing:
-        raise CheckpointError(str(source.path / INDEX_FILENAME), f"names {missing[0]!r}, which its shard does not hold")
-    return tensors
-
-
 def execute_parallel(
     source: Source,
     out: Path | None,
@@ -572,7 +558,7 @@ def execute_parallel(
 
     used = set(plan.source_sequence())
     needed = [n for n in names if (layer := architecture.layer_of(n)) is None or layer in used]
-    tensors = _read_entries(source, names, weight_map, needed)
+    tensors = read_needed_tensors(source, weight_map, needed)
     source_params = sum(e.numel for e in tensors.values())
     selected = {n: tensors[n] for n in needed}
     outputs = plan_parallel_tensors(selected, architecture, recipe)
