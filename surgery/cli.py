@@ -240,7 +240,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         raise OptionError(f"--seeds {args.seeds!r} is not a list of whole numbers such as 0-2 or 0,5,7") from None
     report = sweep(
         args.model, drop_window=args.drop_window, painters=args.painters, painters_n=args.painters_n,
-        seeds=seeds, plans=args.plan or (), data=args.data, out=args.out, **_measure_options(args),
+        seeds=seeds, painters_loop=args.painters_loop, plans=args.plan or (), data=args.data, out=args.out, **_measure_options(args),
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
 
@@ -351,9 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     swp = verb("sweep", _cmd_sweep, "measure a family of plans against the original with one load of the weights", measuring)
     swp.add_argument("model", nargs="?", metavar="MODEL", help="default: the embedded SmolLM2-135M")
     swp.add_argument("--drop-window", type=int, metavar="N", help="every contiguous window of N layers dropped")
-    swp.add_argument("--painters", action="store_true", help="skip / middle repeat / reverse / random order of the middle layers")
+    swp.add_argument(
+        "--painters", action="store_true",
+        help="skip / middle repeat / reverse / random order / parallel / looped parallel of the middle layers",
+    )
     swp.add_argument("--painters-n", metavar="RANGES", help="the N values (first N+1 and last N layers kept), e.g. 0-13 (default all)")
     swp.add_argument("--seeds", default="0-2", metavar="RANGES", help="random-order seeds, averaged in the plot (default 0-2)")
+    swp.add_argument(
+        "--painters-loop", type=int, default=3, metavar="R",
+        help="times the looped-parallel variant applies the parallel middle (default 3; 1 leaves it out)",
+    )
     swp.add_argument("--plan", action="append", metavar="LAYERS", help="an extra plan to measure (repeatable)")
     swp.add_argument("--out", default="surgery-sweep", metavar="DIR", help="where to write sweep.csv, sweep.json, sweep.png")
     swp.add_argument("--prompts", type=int, default=8, help="prompts for greedy agreement, 0 to skip (default 8)")

@@ -9,9 +9,11 @@ Built-in families:
 * ``drop_window=n``: every contiguous window of ``n`` layers dropped in turn;
 * ``painters=True``: the variants of "Transformer Layers as Painters" (Sun et al. 2024) over a
   middle range: keep the first ``N+1`` and the last ``N`` layers and vary ``N``; the middle is
-  skipped, replaced by its centre layer repeated, reversed, or shuffled (several seeds, averaged
-  in the plot). Parallel and looped-parallel variants need parallel groups in the view
-  (:func:`surgery.view.step_module`) and are not part of the family yet.
+  skipped, replaced by its centre layer repeated, reversed, shuffled (several seeds, averaged
+  in the plot), run in parallel (one group: the middle layers on the same input, averaged) or
+  looped parallel (that group applied ``painters_loop`` times in a row). Parallel groups run in
+  the view as the K original layers averaged (:class:`surgery.view.ParallelStep`), the same
+  definition the wide-block checkpoints of ``surgery parallel`` are tested equal to.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Unpack
 
 from surgery.corpus import read_texts
 from surgery.errors import OptionError
-from surgery.plan import Plan, parse_ranges
+from surgery.plan import ParallelGroup, Plan, parse_ranges
 from surgery.validate import (
     Candidate,
     Comparison,
@@ -40,7 +42,7 @@ from surgery.validate import (
     measuring_windows,
 )
 
-PAINTERS_VARIANTS = ("skip", "middle repeat", "reverse", "random order")
+PAINTERS_VARIANTS = ("skip", "middle repeat", "reverse", "random order", "parallel", "looped parallel")
 CSV_COLUMNS = (
     "family", "variant", "n", "seed", "affected", "x", "plan", "num_layers", "tokens",
     "ppl_original", "ppl_new", "kl", "top1", "greedy_agreement", "greedy_prefix", "hidden_cosine", "embedding_cosine",
@@ -99,26 +101,35 @@ def middle_layers(num_layers: int, n: int) -> list[int]:
     return list(range(n + 1, num_layers - n))
 
 
-def painters_plans(num_layers: int, seeds: Sequence[int] = (0, 1, 2), n_values: Sequence[int] | None = None) -> list[SweepPlan]:
+def painters_plans(
+    num_layers: int, seeds: Sequence[int] = (0, 1, 2), n_values: Sequence[int] | None = None, loop: int = 3
+) -> list[SweepPlan]:
     """The Painters variants for every N whose middle has at least two layers.
 
     Args:
         num_layers: L.
         seeds: the shuffle seeds of the random-order variant.
         n_values: the N to use (default all from 0 while the middle has two layers or more).
+        loop: how many times the looped-parallel variant applies the parallel middle (0: leave
+            that variant out).
 
     Returns:
-        Per N: skip, middle repeat, reverse, and one random order per seed.
+        Per N: skip, middle repeat, reverse, one random order per seed, parallel (the middle
+        layers as one group ``[a-b]``) and looped parallel (``[a-b]xloop``).
 
     Raises:
-        OptionError: no seed, or an N whose middle has fewer than two layers.
+        OptionError: no seed, an N whose middle has fewer than two layers, a loop below 0.
 
     Example:
         >>> [(p.variant, str(p.plan)) for p in painters_plans(6, seeds=(0,), n_values=[1])][:3]
         [('skip', '0-1,5'), ('middle repeat', '0-1,3,3,3,5'), ('reverse', '0-1,4,3,2,5')]
+        >>> [str(p.plan) for p in painters_plans(6, seeds=(0,), n_values=[1])][4:]
+        ['0-1,[2-4],5', '0-1,[2-4]x3,5']
     """
     if not seeds:
         raise OptionError("the random-order variant needs at least one seed")
+    if isinstance(loop, bool) or not isinstance(loop, int) or loop < 0:
+        raise OptionError(f"the looped-parallel loop count must be a whole number of at least 0, got {loop!r}")
     largest = (num_layers - 3) // 2  # the middle has L - 2N - 1 layers
     chosen = list(range(largest + 1)) if n_values is None else list(n_values)
     plans: list[SweepPlan] = []
@@ -135,6 +146,10 @@ def painters_plans(num_layers: int, seeds: Sequence[int] = (0, 1, 2), n_values: 
         plans.append(SweepPlan("painters", "reverse", m, m, Plan.reverse(spec, num_layers), n))
         for seed in seeds:
             plans.append(SweepPlan("painters", "random order", m, m, Plan.shuffle(spec, seed, num_layers), n, seed))
+        plans.append(SweepPlan("painters", "parallel", m, m, Plan((*head, ParallelGroup(tuple(middle)), *tail), num_layers), n))
+        if loop > 1:
+            looped = Plan((*head, ParallelGroup(tuple(middle), loop=loop), *tail), num_layers)
+            plans.append(SweepPlan("painters", "looped parallel", m, m, looped, n))
     return plans
 
 
@@ -211,20 +226,20 @@ class SweepReport:
             "",
         ]
         if self.kind == "causal":
-            lines.append(f"{'variant':<15}{'N':>4}{'seed':>5}{'aff.':>5}  {'ppl':>10}{'KL':>9}{'top-1':>8}{'greedy':>8}  plan")
+            lines.append(f"{'variant':<17}{'N':>4}{'seed':>5}{'aff.':>5}  {'ppl':>10}{'KL':>9}{'top-1':>8}{'greedy':>8}  plan")
             for row in self.rows:
                 s, c = row.spec, row.comparison
                 greedy = "" if c.greedy_agreement is None else f"{c.greedy_agreement:.1%}"
                 lines.append(
-                    f"{s.variant:<15}{'' if s.n is None else s.n:>4}{'' if s.seed is None else s.seed:>5}{s.affected:>5}"
+                    f"{s.variant:<17}{'' if s.n is None else s.n:>4}{'' if s.seed is None else s.seed:>5}{s.affected:>5}"
                     f"  {format_metric(c.ppl_new or 0):>10}{c.kl or 0:>9.4f}{c.top1 or 0:>8.1%}{greedy:>8}  {s.plan}"
                 )
         else:
-            lines.append(f"{'variant':<15}{'N':>4}{'seed':>5}{'aff.':>5}  {'cos(emb)':>9}{'cos(tok)':>9}  plan")
+            lines.append(f"{'variant':<17}{'N':>4}{'seed':>5}{'aff.':>5}  {'cos(emb)':>9}{'cos(tok)':>9}  plan")
             for row in self.rows:
                 s, c = row.spec, row.comparison
                 lines.append(
-                    f"{s.variant:<15}{'' if s.n is None else s.n:>4}{'' if s.seed is None else s.seed:>5}{s.affected:>5}"
+                    f"{s.variant:<17}{'' if s.n is None else s.n:>4}{'' if s.seed is None else s.seed:>5}{s.affected:>5}"
                     f"  {c.embedding_cosine or 0:>9.4f}{c.hidden_cosine or 0:>9.4f}  {s.plan}"
                 )
         if self.files:
@@ -296,6 +311,7 @@ def sweep(
     painters: bool = False,
     painters_n: str | None = None,
     seeds: Sequence[int] = (0, 1, 2),
+    painters_loop: int = 3,
     plans: Sequence[str | Plan] = (),
     data: PathLike | None = None,
     out: PathLike | None = None,
@@ -306,9 +322,12 @@ def sweep(
     Args:
         model: a model directory, ``.gguf`` file, Hub id, or None for the default.
         drop_window: add every contiguous drop window of this many layers.
-        painters: add the Painters variants (skip, middle repeat, reverse, random order).
+        painters: add the Painters variants (skip, middle repeat, reverse, random order,
+            parallel, looped parallel).
         painters_n: the N values for Painters in range syntax (default: all).
         seeds: shuffle seeds of the random-order variant.
+        painters_loop: how many times the looped-parallel variant applies the parallel middle
+            (default 3; 0 or 1 leaves that variant out).
         plans: extra plans (range syntax or :class:`Plan`), family ``custom``.
         data: a ``.txt``/``.jsonl`` file, or None for the default corpus.
         out: a directory for ``sweep.csv``, ``sweep.json`` and ``sweep.png`` (None: write nothing).
@@ -342,10 +361,11 @@ def sweep(
         specs += drop_window_plans(num_layers, drop_window)
     if painters:
         n_values = parse_ranges(painters_n) if painters_n is not None else None
-        specs += painters_plans(num_layers, seeds=seeds, n_values=n_values)
+        specs += painters_plans(num_layers, seeds=seeds, n_values=n_values, loop=painters_loop)
     for given in plans:
         plan = given if isinstance(given, Plan) else Plan.from_ranges(str(given), num_layers)
-        affected = num_layers - len(set(plan.layers))
+        # dropped or merged into a group: the source layers that no longer run as themselves
+        affected = num_layers - len({step for step in plan.layers if isinstance(step, int)})
         specs.append(SweepPlan("custom", "custom", affected, affected, plan))
     arch = live_architecture(loaded.model)
     for spec in specs:

@@ -8,6 +8,13 @@ repeats is one module object at several positions: its weights are shared, but e
 must write its own KV-cache slot, so every position is wrapped in a :class:`PlanStep` that sets
 the ``layer_idx`` of the block's attention modules to the position just before calling it.
 
+A parallel group ``[i-j]xR`` (Sun et al. 2024, "Transformer Layers as Painters") takes R positions,
+each a :class:`ParallelStep` that calls the K original blocks on the same input and averages
+their outputs, ``h' = (1/K) * sum_k L_k(h)``: the definition, and so the reference the wide-block
+checkpoints of :mod:`surgery.widen` are tested against. Each branch of each application writes its
+own KV-cache slot: branch 0 the position's slot, the others slots after the last position, which
+the step adds to a ``DynamicCache`` when it first runs.
+
 Leaving the :func:`plan_view` context restores the stack, the config and every ``layer_idx``, so
 one loaded model serves any number of plans (:mod:`surgery.sweep`).
 """
@@ -21,8 +28,8 @@ from typing import Any
 import torch
 
 from surgery.architecture import Architecture, _find_stack, layer_fields
-from surgery.errors import PlanError
-from surgery.plan import Plan
+from surgery.errors import ParallelGroupError, PlanError
+from surgery.plan import ParallelGroup, Plan
 
 # Multimodal configs keep the language model's settings in one of these sub-configs.
 _TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
@@ -50,12 +57,10 @@ class PlanStep(torch.nn.Module):
         self.block = block
         self.position = position
         self.source_index = source_index
-        # The block's modules that address the KV cache by their layer_idx (attention, mostly).
-        self._indexed = [m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        self._indexed = _indexed_modules(block)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        for module in self._indexed:
-            setattr(module, "layer_idx", self.position)  # noqa: B010 (Module types its attributes as tensors)
+        _point_at(self._indexed, self.position)
         return self.block(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -71,23 +76,158 @@ class PlanStep(torch.nn.Module):
         return f"position={self.position}, source={self.source_index}"
 
 
-def step_module(blocks: torch.nn.ModuleList, step: object, position: int) -> torch.nn.Module:
-    """The module that runs one step of a plan at ``position`` of the view.
+def _indexed_modules(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The block's modules that address the KV cache by their ``layer_idx`` (attention, mostly)."""
+    return [m for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
-    This is the one place that knows what a plan step is: a source layer index becomes a
-    :class:`PlanStep`. A parallel group (layers run on the same input and averaged) needs its
-    own module type, with one KV-cache slot per branch, and is refused until it has one.
+
+def _point_at(modules: list[torch.nn.Module], slot: int) -> None:
+    for module in modules:
+        setattr(module, "layer_idx", slot)  # noqa: B010 (Module types its attributes as tensors)
+
+
+class ParallelStep(torch.nn.Module):
+    """One application of a parallel group in a plan view: K source blocks on one input, averaged.
+
+    ``mlp_input="exact"`` computes the definition, ``h' = (1/K) * sum_k L_k(h)``, by calling each
+    original block whole (for post-norm encoders such as BERT that is the average of the blocks'
+    normalised outputs). ``"shared"`` is the approximation of the "layer parallelism" line of work,
+    built from the blocks' own submodules (pre-norm decoders): ``u = h + (1/K) * sum_k attn_k(norm_k(h))``,
+    ``h' = u + (1/K) * sum_k mlp_k(norm'_k(u))``.
+
+    Attributes:
+        branches: the K source blocks (the original module objects).
+        group: the plan's group.
+        position: the position of this application in the view.
+        slots: the KV-cache slot of each branch: ``position`` for the first, slots after the
+            view's last position for the others.
+        attention_type: the branches' common attention type (the mask the model passes in).
+    """
+
+    def __init__(
+        self,
+        blocks: torch.nn.ModuleList,
+        group: ParallelGroup,
+        position: int,
+        slots: list[int],
+        cache_growth: _CacheGrowth,
+    ) -> None:
+        super().__init__()
+        self.branches = torch.nn.ModuleList(blocks[i] for i in group.layers)
+        self.group = group
+        self.position = position
+        self.slots = slots
+        self.attention_type = getattr(blocks[group.layers[0]], "attention_type", None)
+        self._indexed = [_indexed_modules(block) for block in self.branches]
+        self._cache_growth = cache_growth
+        if group.mlp_input == "shared":
+            missing = [
+                name
+                for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                if not hasattr(self.branches[0], name)
+            ]
+            if missing or hasattr(self.branches[0], "pre_feedforward_layernorm"):
+                raise ParallelGroupError(
+                    str(group),
+                    "the shared MLP input is defined for pre-norm decoder layers (input norm, attention, "
+                    "post-attention norm, MLP) without per-branch output norms, and these layers are not",
+                    hint="use the exact form (drop ':shared' / --mlp-input shared)",
+                )
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self._cache_growth.grow(_cache_argument(args, kwargs), max(self.slots))
+        branches: list[Any] = list(self.branches)
+        k = len(branches)
+        if self.group.mlp_input == "shared":
+            attn: Any = 0
+            for block, indexed, slot in zip(branches, self._indexed, self.slots, strict=True):
+                _point_at(indexed, slot)
+                attn = attn + block.self_attn(block.input_layernorm(hidden_states), *args, **kwargs)[0]
+            mixed = hidden_states + attn / k
+            mlp: Any = 0
+            for block in branches:
+                mlp = mlp + block.mlp(block.post_attention_layernorm(mixed))
+            return mixed + mlp / k
+        total: Any = 0
+        first: Any = None
+        for block, indexed, slot in zip(branches, self._indexed, self.slots, strict=True):
+            _point_at(indexed, slot)
+            out = block(hidden_states, *args, **kwargs)
+            first = out if first is None else first
+            total = total + (out[0] if isinstance(out, tuple) else out)
+        if isinstance(first, tuple):  # layers that also return attention weights: keep the first branch's
+            return (total / k, *first[1:])
+        return total / k
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if not modules or "branches" not in modules:
+                raise
+            return getattr(modules["branches"][0], name)
+
+    def extra_repr(self) -> str:
+        return f"position={self.position}, group={self.group}, slots={self.slots}"
+
+
+def _cache_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The KV cache a layer was called with, whatever the architecture names it (past_key_values, layer_past)."""
+    from transformers.cache_utils import Cache
+
+    return next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
+
+
+class _CacheGrowth:
+    """Adds the branch slots of parallel groups to a ``DynamicCache`` that the model built for its positions.
+
+    The model sizes its cache from ``num_hidden_layers`` (the view's positions); the extra slots,
+    one per further branch of each group application, follow them. Each is made like the cache
+    layer of its group's position (a sliding-window layer keeps a sliding cache of the same window).
+
+    Attributes:
+        twin: for every slot, the position whose cache layer it copies the kind of.
+    """
+
+    def __init__(self, twin: list[int]) -> None:
+        self.twin = twin
+
+    def grow(self, cache: Any, last_slot: int) -> None:
+        if cache is None:
+            return
+        inner = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches wrap one
+        layers = getattr(inner, "layers", None)
+        if layers is None or len(layers) > last_slot or getattr(inner, "layer_class_to_replicate", None) is not None:
+            return  # a cache that grows on its own, or already has the slots
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+            raise PlanError(
+                f"a plan view with parallel groups needs a DynamicCache, got {type(inner).__name__}",
+                hint="generate with the default cache (no cache_implementation), or write the plan and load the checkpoint",
+            )
+        for slot in range(len(layers), last_slot + 1):
+            model = layers[self.twin[slot]]
+            if isinstance(model, DynamicSlidingWindowLayer):
+                layers.append(DynamicSlidingWindowLayer(sliding_window=model.sliding_window))
+            else:
+                layers.append(DynamicLayer())
+
+
+def step_module(blocks: torch.nn.ModuleList, step: object, position: int) -> torch.nn.Module:
+    """The module that runs one plain step of a plan at ``position`` of the view.
 
     Args:
         blocks: the source model's layer stack.
-        step: the plan's entry for this position.
+        step: the plan's entry for this position: a source layer index.
         position: the position in the view.
 
     Returns:
         A :class:`PlanStep` over ``blocks[step]``.
 
     Raises:
-        PlanError: a step that is not a single layer (a parallel group).
+        PlanError: a step that is not a single layer (parallel groups are built by :func:`plan_view`).
 
     Example:
         >>> import torch
@@ -95,11 +235,38 @@ def step_module(blocks: torch.nn.ModuleList, step: object, position: int) -> tor
         3
     """
     if isinstance(step, bool) or not isinstance(step, int):
-        raise PlanError(
-            f"step {step} of the plan is a parallel group, which runs only in a written checkpoint for now",
-            hint="write it with 'surgery apply' and validate the checkpoint: surgery validate ORIGINAL NEW",
-        )
+        raise PlanError(f"step {step} of the plan is not a single layer", hint="build parallel groups with plan_view")
     return PlanStep(blocks[step], position, step)
+
+
+def _view_stack(
+    original: torch.nn.ModuleList, plan: Plan, per_layer: dict[str, Any]
+) -> tuple[torch.nn.ModuleList, list[int]]:
+    """The view's layer list and, per position, the source layer whose per-layer settings it takes."""
+    positions = plan.positions()
+    twin = [position for position, _ in positions]  # slot -> the position whose cache layer it mirrors
+    modules: list[torch.nn.Module] = []
+    sources: list[int] = []
+    growth = _CacheGrowth(twin)
+    for position, step in positions:
+        if not isinstance(step, ParallelGroup):
+            modules.append(step_module(original, step, position))
+            sources.append(step)
+            continue
+        for field, values in per_layer.items():
+            differing = {repr(values[i]) for i in step.layers}
+            if len(differing) > 1:
+                raise ParallelGroupError(
+                    str(step),
+                    f"its layers differ in the per-layer setting {field} ({', '.join(sorted(differing))}); "
+                    "one model call passes one mask and one setting per position",
+                    hint="group layers of the same kind",
+                )
+        slots = [position, *range(len(twin), len(twin) + len(step) - 1)]
+        twin.extend([position] * (len(step) - 1))
+        modules.append(ParallelStep(original, step, position, slots, growth))
+        sources.append(step.layers[0])
+    return torch.nn.ModuleList(modules), sources
 
 
 def text_config_of(model: Any) -> Any:
@@ -133,7 +300,7 @@ def live_architecture(model: Any) -> Architecture:
     num_layers = int(text_config.num_hidden_layers)
     module_path = _find_stack(model, num_layers)
     stack = model.get_submodule(module_path)
-    if isinstance(stack[0], PlanStep):
+    if isinstance(stack[0], (PlanStep, ParallelStep)):
         raise PlanError("this model is already running a plan view; leave it before entering another")
     scope: tuple[str, ...] = ()
     if text_config is not config:
@@ -183,10 +350,8 @@ def plan_view(model: Any, plan: Plan) -> Iterator[Any]:
     parent_path, _, attribute = arch.module_path.rpartition(".")
     parent = model.get_submodule(parent_path)
     original: torch.nn.ModuleList = getattr(parent, attribute)
-    view = torch.nn.ModuleList(step_module(original, step, position) for position, step in enumerate(plan.layers))
-    # step_module accepted every step, so each is a source layer index.
-    sources = [step for step in plan.layers if isinstance(step, int)]
     text_config = text_config_of(model)
+    view, sources = _view_stack(original, plan, arch.per_layer)
 
     # Everything the view changes, saved as the objects themselves so that exit restores identity.
     saved_fields = {f: getattr(text_config, f) for f in (*arch.per_layer, *arch.index_lists) if hasattr(text_config, f)}

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache
 
 
 def layer_stack(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
@@ -63,12 +64,15 @@ class ParallelReference(torch.nn.Module):
         self.mlp_input = mlp_input
         self.attention_type = getattr(layers[0], "attention_type", None)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if kwargs.get("past_key_values") is not None:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is not None or any(isinstance(a, Cache) for a in args):
             raise NotImplementedError("the parallel reference runs without a KV cache (use_cache=False)")
         k = len(self.branches)
         if self.mlp_input == "exact":
-            return sum(layer(hidden_states, **kwargs) for layer in self.branches) / k
+            outs = [layer(hidden_states, *args, **kwargs) for layer in self.branches]
+            if isinstance(outs[0], tuple):  # GPT-2 style blocks return (hidden, ...)
+                return (sum(out[0] for out in outs) / k, *outs[0][1:])
+            return sum(outs) / k
         branches: list[Any] = list(self.branches)
         attn = sum(layer.self_attn(layer.input_layernorm(hidden_states), **kwargs)[0] for layer in branches) / k
         mixed = hidden_states + attn

@@ -22,8 +22,8 @@ from surgery.analyze import residual_stream
 from surgery.cli import main
 from surgery.corpus import default_text
 from surgery.errors import OptionError
-from surgery.plan import Plan
-from surgery.sweep import drop_window_plans, middle_layers, painters_plans
+from surgery.plan import ParallelGroup, Plan
+from surgery.sweep import PAINTERS_VARIANTS, drop_window_plans, middle_layers, painters_plans
 from tests import tiny
 from tests.tiny_text import readable
 
@@ -163,7 +163,7 @@ def test_painters_family_follows_the_paper() -> None:
     plans = painters_plans(30, seeds=(0, 1))
     by = {(p.variant, p.n, p.seed): p for p in plans}
     assert sorted({p.n for p in plans}) == list(range(14))  # N = 0..13: the middle keeps two layers or more
-    assert len(plans) == 14 * 5
+    assert len(plans) == 14 * 7
     assert middle_layers(30, 10) == list(range(11, 20))  # keep 0-10 (N+1 layers) and 20-29 (N layers)
     assert by["skip", 10, None].plan.layers == tuple(range(11)) + tuple(range(20, 30))
     assert by["middle repeat", 10, None].plan.layers == tuple(range(11)) + (15,) * 9 + tuple(range(20, 30))
@@ -171,8 +171,16 @@ def test_painters_family_follows_the_paper() -> None:
     shuffled = [by["random order", 10, seed].plan.layers for seed in (0, 1)]
     assert shuffled[0] != shuffled[1] and all(sorted(s[11:20]) == list(range(11, 20)) for s in shuffled)
     assert all(p.affected == p.x == 9 for p in plans if p.n == 10)
+    # parallel: the middle as one group on one input, averaged; looped parallel: that group three times
+    assert by["parallel", 10, None].plan.layers == (*range(11), ParallelGroup(tuple(range(11, 20))), *range(20, 30))
+    assert str(by["looped parallel", 10, None].plan) == "0-10,[11-19]x3,20-29"
+    assert len(by["looped parallel", 10, None].plan) == 11 + 3 + 10
+    assert str(painters_plans(30, seeds=(0,), n_values=[10], loop=5)[-1].plan) == "0-10,[11-19]x5,20-29"
+    assert [p.variant for p in painters_plans(30, seeds=(0,), n_values=[10], loop=1)][-1] == "parallel"
     with pytest.raises(OptionError, match="N must be from 0 to 13"):
         painters_plans(30, n_values=[14])
+    with pytest.raises(OptionError, match="at least 0"):
+        painters_plans(30, loop=-1)
 
 
 # -- sweep ---------------------------------------------------------------------------------------------
@@ -191,7 +199,7 @@ def test_sweep_measures_every_plan_with_one_load(
         out=tmp_path / "sweep", prompts=2, new_tokens=4, **FAST,
     )
     assert len(loads) == 1
-    assert len(report.rows) == 5 + 2 * 5 + 1  # drop windows, N = 0..1 x 5 variants, one custom plan
+    assert len(report.rows) == 5 + 2 * 7 + 1  # drop windows, N = 0..1 x 7 variants, one custom plan
     assert {r.spec.family for r in report.rows} == {"drop-window", "painters", "custom"}
 
     # Each row equals validating that plan alone.
@@ -206,7 +214,9 @@ def test_sweep_measures_every_plan_with_one_load(
     assert len(body["rows"]) == len(report.rows) and body["files"]["plot"].endswith("sweep.png")
     assert (tmp_path / "sweep" / "sweep.png").read_bytes().startswith(PNG)
     series = report.series("painters", "kl")
-    assert set(series) == {"skip", "middle repeat", "reverse", "random order"} and [x for x, _ in series["skip"]] == [3, 5]
+    assert set(series) == set(PAINTERS_VARIANTS) and [x for x, _ in series["skip"]] == [3, 5]
+    looped = [row for row in report.rows if row.spec.variant == "looped parallel"]
+    assert [str(row.spec.plan) for row in looped] == ["0,[1-5]x3", "0-1,[2-4]x3,5"] and looped[1].comparison.kl > 0
 
 
 def test_sweep_cli(readable_tiny: Callable[[str], Path], text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,6 +225,7 @@ def test_sweep_cli(readable_tiny: Callable[[str], Path], text_file: Path, tmp_pa
     code, out, err = run(capsys, "sweep", model, "--painters", "--seeds", "0", "--out", str(tmp_path / "s"), *common)
     assert code == 0, err
     assert "cos(emb)" in out and "middle repeat" in out and (tmp_path / "s" / "sweep.png").exists()
+    assert "looped parallel" in out and "0-1,[2-4]x3,5" in out  # BERT: the average of the post-norm outputs
     code, out, err = run(capsys, "sweep", model, "--plan", "0,5", "--plan", "0-4", "--json", "--out", str(tmp_path / "c"), *common)
     assert code == 0 and [r["plan"] for r in json.loads(out)["rows"]] == ["0,5", "0-4"]
     for argv, message in [([], "nothing to sweep"), (["--drop-window", "6"], "from 1 to 5"),
@@ -227,8 +238,10 @@ def test_sweep_cli(readable_tiny: Callable[[str], Path], text_file: Path, tmp_pa
 def test_smollm2_painters_sweep_agrees_with_validate(smollm2_dir: Path) -> None:
     short = {**FAST, "max_tokens": 64, "prompts": 0}
     report = surgery.sweep(smollm2_dir, painters=True, painters_n="12", seeds=(0,), **short)
-    assert [r.spec.variant for r in report.rows] == ["skip", "middle repeat", "reverse", "random order"]
+    assert [r.spec.variant for r in report.rows] == list(PAINTERS_VARIANTS)
     assert all(r.comparison.kl > 0 and r.spec.affected == 5 for r in report.rows)
+    looped = report.rows[-1]
+    assert str(looped.spec.plan) == "0-12,[13-17]x3,18-29" and looped.comparison.num_layers == 28
     reverse = report.rows[2]
     alone = surgery.validate(smollm2_dir, plan=reverse.spec.plan, **short)
     assert reverse.comparison.kl == pytest.approx(alone.comparison.kl, rel=1e-4)
@@ -244,6 +257,6 @@ def test_painters_example_writes_its_plot(smollm2_dir: Path, tmp_path: Path) -> 
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     report = example.main(tmp_path / "out", max_tokens=128, painters_n="13", seeds="0", quiet=True)
-    assert [r.spec.variant for r in report.rows] == ["skip", "middle repeat", "reverse", "random order"]
+    assert [r.spec.variant for r in report.rows] == list(PAINTERS_VARIANTS)
     assert (tmp_path / "out" / "sweep.png").read_bytes().startswith(PNG)
-    assert (tmp_path / "out" / "sweep.csv").read_text().count("\n") == 5
+    assert (tmp_path / "out" / "sweep.csv").read_text().count("\n") == 7

@@ -1,7 +1,8 @@
 """Parallel groups merged into wide blocks (issue #4): the checkpoint equals the in-memory reference.
 
-The reference (:func:`tests.reference.parallel_reference_model`) runs the K original layers on
-the same input and averages them; the wide-block checkpoint, loaded with
+The reference is the plan view (:func:`surgery.view.plan_view`), which runs the K original layers
+on the same input and averages them (itself tested against the deep-copy reference of
+tests/reference.py in tests/test_view.py); the wide-block checkpoint, loaded with
 ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)``, must give the same logits
 (fp32, 1e-5 relative: max |a - b| / max |b|) with and without the KV cache, for K = 2, 4, 8, looped
 or not, on tiny models of every supported family and on the real SmolLM2-135M.
@@ -23,6 +24,7 @@ from surgery import api
 from surgery.cli import main
 from surgery.errors import ParallelGroupError, ParallelMergeError
 from surgery.plan import ParallelGroup, Plan, Recipe
+from surgery.view import plan_view
 from tests import tiny
 from tests.reference import parallel_reference_model
 
@@ -69,28 +71,26 @@ def greedy(model: Any, ids: torch.Tensor, new: int, *, use_cache: bool) -> torch
 def check_equal(
     model: torch.nn.Module, out: Path, plan: Plan, ids: torch.Tensor, prefix: int, new: int = 6, *, uncached_generation: bool = True,
 ) -> dict[str, float]:
-    """The wide checkpoint against the reference: full logits, cached logits, greedy generation with
-    the cache (and without it, when ``uncached_generation``) equal to the reference's."""
-    reference = parallel_reference_model(model, plan)
+    """The wide checkpoint against the plan view of ``model``: full logits, cached logits, greedy
+    generation with the cache (and without it, when ``uncached_generation``) equal to the view's."""
     wide = load_wide(out)
-    with torch.no_grad():
+    with plan_view(model, plan) as reference, torch.no_grad():
         expected = reference(ids, use_cache=False).logits
         full = wide(ids, use_cache=False).logits
         cached = cached_logits(wide, ids, prefix)
-    errors = {"uncached": rel(full, expected), "cached": rel(cached, expected)}
-    if ids.shape[0] > 1:  # left padding in the second row: the masks reach every branch
-        mask = torch.ones_like(ids)
-        mask[1, :3] = 0
-        with torch.no_grad():
+        errors = {"uncached": rel(full, expected), "cached": rel(cached, expected)}
+        if ids.shape[0] > 1:  # left padding in the second row: the masks reach every branch
+            mask = torch.ones_like(ids)
+            mask[1, :3] = 0
             want = reference(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
             got = wide(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
-        errors["padded"] = rel(got, want)
-    assert all(error <= RTOL for error in errors.values()), errors
-    start = ids[:1, :prefix]
-    expected_tokens = greedy(reference, start, new, use_cache=False)
-    assert torch.equal(greedy(wide, start, new, use_cache=True), expected_tokens)
-    if uncached_generation:
-        assert torch.equal(greedy(wide, start, new, use_cache=False), expected_tokens)
+            errors["padded"] = rel(got, want)
+        assert all(error <= RTOL for error in errors.values()), errors
+        start = ids[:1, :prefix]
+        expected_tokens = greedy(reference, start, new, use_cache=False)
+        assert torch.equal(greedy(wide, start, new, use_cache=True), expected_tokens)
+        if uncached_generation:
+            assert torch.equal(greedy(wide, start, new, use_cache=False), expected_tokens)
     return errors
 
 

@@ -19,12 +19,12 @@ import transformers
 
 import surgery
 import surgery.plan
-from surgery.errors import PlanError, UnsupportedArchitectureError
+from surgery.errors import ParallelGroupError, PlanError, UnsupportedArchitectureError
 from surgery.plan import Plan
 from surgery.validate import greedy_continuation
-from surgery.view import PlanStep, live_architecture, plan_view
+from surgery.view import ParallelStep, PlanStep, live_architecture, plan_view
 from tests import tiny
-from tests.reference import reference_model
+from tests.reference import parallel_reference_model, reference_model
 
 transformers.logging.set_verbosity_error()
 RTOL, ATOL = 1e-5, 1e-6
@@ -43,9 +43,9 @@ OPERATIONS: dict[str, Callable[[Path, Path], surgery.SurgeryResult]] = {
 }
 
 
-def outputs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+def outputs(model: Any, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     with torch.no_grad():
-        out = model(input_ids=ids)
+        out = model(input_ids=ids, **kwargs)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
@@ -178,14 +178,95 @@ def test_view_refuses_a_positional_setting_it_would_change() -> None:
     assert isinstance(model.transformer.h[0], type(model.transformer.h[1])) and not isinstance(model.transformer.h[0], PlanStep)
 
 
-def test_view_refuses_a_parallel_group_with_a_clear_error(tiny_models: Callable[[str], Any]) -> None:
-    if not hasattr(surgery.plan, "ParallelGroup"):
-        pytest.skip("this Plan has no parallel groups")
+# -- parallel groups: the K original layers on one input, averaged ----------------------------------
+
+# Per architecture, a plan with a plain group and a looped one; groups hold layers of one attention
+# type (tiny.MIXED_TYPES: sliding, full, sliding, sliding, full, sliding).
+GROUP_PLANS = {
+    "qwen3": "0-1,[2-3]x3,4-5", "gemma2": "[2-3]x2,0,4,5", "gemma3": "0,1,[2-3]x3,4,5,5",
+    "qwen2": "[0-2]x2,[3-5]",  # max_window_layers=3: 0-2 full, 3-5 sliding
+}
+
+
+@pytest.mark.parametrize("name", list(tiny.CONFIGS))
+def test_view_runs_parallel_groups_as_the_averaged_layers(tiny_models: Callable[[str], Any], name: str) -> None:
+    """Against tests/reference.py (deep copies, written independently): uncached, cached, generation."""
+    model = tiny_models(name)
+    plan = Plan.from_ranges(GROUP_PLANS.get(name, "[0-1],[2-4]x2,5,2"), tiny.NUM_LAYERS)
+    ids = ids_for(6, length=12)
+    expected = outputs(parallel_reference_model(model, plan), ids, use_cache=False)
+    path = live_architecture(model).module_path
+    stack = model.get_submodule(path)
+    with plan_view(model, plan) as view:
+        assert model.config.get_text_config().num_hidden_layers == len(plan)
+        positions = model.get_submodule(path)
+        groups = [step for step in positions if isinstance(step, ParallelStep)]
+        assert len(groups) == sum(g.loop for g in plan.groups)
+        assert all(branch is stack[i] for g in groups for branch, i in zip(g.branches, g.group.layers, strict=True))
+        got = outputs(view, ids)
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+        if name in tiny.CAUSAL:
+            # Every branch of every application has its own slot; sliding layers keep sliding caches.
+            cached, full = cached_and_full(view, ids)
+            torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(full, expected, rtol=RTOL, atol=ATOL)
+            prompt = ids[:1, :5]
+            with torch.no_grad():
+                uncached = view.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+            assert torch.equal(greedy_continuation(view, prompt, 6), uncached[:, 5:])
+    assert model.get_submodule(path) is stack
+    assert not torch.allclose(got, outputs(model, ids), atol=1e-3)  # the groups changed the model
+
+
+def test_view_shared_mlp_input_is_the_approximation(tiny_models: Callable[[str], Any]) -> None:
     model = tiny_models("llama")
-    with pytest.raises(PlanError, match="parallel group"):
-        with plan_view(model, Plan.from_ranges("0,[1-2],3-5", tiny.NUM_LAYERS)):
-            pass
-    assert model.config.num_hidden_layers == tiny.NUM_LAYERS
+    ids = ids_for(7)
+    shared, exact = (Plan.from_ranges(f"0,[1-3]x2{suffix},4,5", tiny.NUM_LAYERS) for suffix in (":shared", ""))
+    with plan_view(model, shared) as view:
+        got = outputs(view, ids)
+        cached, full = cached_and_full(view, ids)
+    torch.testing.assert_close(got, outputs(parallel_reference_model(model, shared), ids, use_cache=False), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+    with plan_view(model, exact) as view:
+        assert not torch.allclose(outputs(view, ids), got, atol=1e-4)  # shared is not the exact average
+
+
+def test_cache_test_catches_branches_sharing_a_slot(tiny_models: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every branch writing the position's slot, cached decoding diverges: the cache check can fail."""
+    original_init = ParallelStep.__init__
+
+    def one_slot(self: ParallelStep, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.slots = [self.position] * len(self.slots)
+
+    monkeypatch.setattr(ParallelStep, "__init__", one_slot)
+    with plan_view(tiny_models("llama"), Plan.from_ranges("0,[1-3]x2,4,5", tiny.NUM_LAYERS)) as view:
+        cached, full = cached_and_full(view, ids_for(3, length=14))
+    assert not torch.allclose(cached, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("gemma3", "[0-1],2-5", "differ in the per-layer setting layer_types"),
+        ("gemma2", "0,1,[2-3]:shared,4,5", "shared MLP input"),
+        ("gpt2", "0,[1-2]:shared,3-5", "shared MLP input"),
+    ],
+)
+def test_view_refuses_groups_it_cannot_run(tiny_models: Callable[[str], Any], name: str, text: str, match: str) -> None:
+    model = tiny_models(name)
+    with pytest.raises(ParallelGroupError, match=match), plan_view(model, Plan.from_ranges(text, tiny.NUM_LAYERS)):
+        pass
+    assert model.config.get_text_config().num_hidden_layers == tiny.NUM_LAYERS
+    assert not isinstance(model.get_submodule(live_architecture(model).module_path)[0], (PlanStep, ParallelStep))
+
+
+def test_view_refuses_a_cache_it_cannot_grow(tiny_models: Callable[[str], Any]) -> None:
+    model = tiny_models("llama")
+    with plan_view(model, Plan.from_ranges("0,[1-2],3-5", tiny.NUM_LAYERS)) as view, torch.no_grad():
+        cache = transformers.StaticCache(config=view.config, max_cache_len=16)  # one slot per position
+        with pytest.raises(PlanError, match="needs a DynamicCache"):
+            view(input_ids=ids_for(1)[:1, :4], past_key_values=cache, use_cache=True)
 
 
 def test_view_restores_the_model_when_the_body_raises(tiny_models: Callable[[str], Any]) -> None:
