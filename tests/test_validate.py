@@ -181,6 +181,20 @@ def test_validate_in_memory_equals_validate_of_the_written_checkpoint(
     assert viewed.comparison.kl > 0
 
 
+def test_validate_of_a_parallel_plan_equals_validate_of_the_wide_checkpoint(
+    readable_tiny: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    """The view runs the group as the averaged layers; the written wide block must measure the same."""
+    source = readable_tiny("llama")
+    surgery.parallel(source, tmp_path / "wide", groups="1-3", loop=2, quiet=True)
+    written = surgery.validate(source, tmp_path / "wide", data=text_file, trust_remote_code=True, **FAST)
+    viewed = surgery.validate(source, plan="0,[1-3]x2,4-5", data=text_file, **FAST)
+    assert written.plan == viewed.plan == "0,[1-3]x2,4-5"
+    for metric in ("ppl_new", "kl", "top1", "greedy_agreement"):
+        assert getattr(written.comparison, metric) == pytest.approx(getattr(viewed.comparison, metric), rel=1e-4, abs=1e-6)
+    assert viewed.comparison.kl > 0
+
+
 def test_encoder_gets_cosine_metrics(readable_tiny: Callable[..., Path], text_file: Path) -> None:
     same = surgery.validate(readable_tiny("bert"), plan="0-5", data=text_file, **FAST)
     assert same.kind == "encoder" and same.comparison.kl is None
