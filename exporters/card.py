@@ -27,8 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery.checkpoint import INDEX_FILENAME, read_header, read_tensor_index
-from surgery.engine import _human  # one formatting of sizes for the summary and the card
+from surgery.engine import _count, _human  # one formatting of counts and sizes for the summary and the card
 from surgery.errors import ModelCardError
 from surgery.plan import RECIPE_FILENAME, format_ranges
 
@@ -151,42 +150,6 @@ def license_of(source: Source) -> dict[str, str]:
     return {}
 
 
-def source_parameter_count(source: Source) -> int | None:
-    """Parameters in the whole source checkpoint, from safetensors headers only (no weights read).
-
-    Shards a Hub source has not downloaded are counted from their headers on the Hub (byte-range
-    reads). Returns None when a header cannot be read.
-    """
-    index = source.path / INDEX_FILENAME
-    if not index.exists():
-        if source.pending_files:
-            source.fetch(source.pending_files)
-        return sum(e.numel for e in read_tensor_index(source.path).values())
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    total = 0
-    remote = []
-    for shard in shards:
-        if shard in source.pending_files or not (source.path / shard).exists():
-            remote.append(shard)
-        else:
-            total += sum(e.numel for e in read_header(source.path / shard)[0].values())
-    if remote:
-        if source.repo_id is None:
-            return None
-        from huggingface_hub import HfApi
-
-        from exporters.hub import hub_endpoint
-
-        api = HfApi(endpoint=hub_endpoint())
-        try:
-            for shard in remote:
-                meta = api.parse_safetensors_file_metadata(source.repo_id, shard, revision=source.revision)
-                total += sum(meta.parameter_count.values())
-        except Exception:  # network or format trouble: the card says "unknown" rather than a wrong number
-            return None
-    return total
-
-
 # -- building the card ---------------------------------------------------------------------------
 
 
@@ -304,7 +267,7 @@ def build_card(directory: Path, result: SurgeryResult, source: Source) -> str:
         license_name=licenses.get("license_name"),
         license_link=licenses.get("license_link"),
     )
-    source_params = source_parameter_count(source)
+    source_params = result.source_params
     from exporters.hub import hub_endpoint
 
     base_text = f"[{base}]({hub_endpoint() or 'https://huggingface.co'}/{base})" if on_hub else f"`{base}`"
@@ -372,10 +335,6 @@ def build_card(directory: Path, result: SurgeryResult, source: Source) -> str:
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     validate_card(text, origin=str(directory / CARD_FILENAME))
     return text
-
-
-def _count(params: int | None) -> str:
-    return "unknown" if params is None else f"{params:,}"
 
 
 def _write(path: Path, text: str) -> None:

@@ -44,7 +44,7 @@ class SurgeryResult:
     recipe: Recipe
     architecture: Architecture
     shards: list[tuple[str, int]]
-    source_params: int
+    source_params: int | None
     output_params: int
     dry_run: bool
     onnx: Any = None
@@ -68,12 +68,17 @@ class SurgeryResult:
             lines.append(f"{new:>3} <- {src:<3}{note}".rstrip())
         dtype = self.recipe.options.dtype or "as source"
         lines.append(
-            f"parameters: {self.source_params:,} -> {self.output_params:,}; "
+            f"parameters: {_count(self.source_params)} -> {self.output_params:,}; "
             f"output: {_human(self.total_bytes)} in {len(self.shards)} shard(s), dtype {dtype}"
         )
         verb = "would write" if self.dry_run else "wrote"
         lines.append(f"{verb} {self.out}" if self.out else "nothing written")
         return "\n".join(lines)
+
+
+def _count(params: int | None) -> str:
+    """A parameter count for people: ``134,515,008``, or ``unknown`` when it could not be read."""
+    return "unknown" if params is None else f"{params:,}"
 
 
 def _human(size: float) -> str:
@@ -199,7 +204,6 @@ def execute(
     kept_layers = set(plan.layers)
     needed = [n for n in names if (layer := architecture.layer_of(n)) is None or layer in kept_layers]
     tensors = read_needed_tensors(source, weight_map, needed)
-    source_params = sum(e.numel for e in tensors.values())
     selected = {n: tensors[n] for n in needed}
     outputs = plan_tensors(selected, architecture, recipe)
     shards = layout_shards(outputs, recipe.options.max_shard_size)
@@ -208,7 +212,7 @@ def execute(
         recipe=recipe,
         architecture=architecture,
         shards=[(name, sum(t.nbytes for t in group)) for name, group in shards],
-        source_params=source_params,
+        source_params=source.parameter_count(),
         output_params=sum(t.source.numel for t in outputs),
         dry_run=dry_run,
     )

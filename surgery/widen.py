@@ -56,7 +56,7 @@ from exporters.safetensors import ComputedSource, OutputTensor, layout_shards, o
 from exporters.staging import check_output, staged_output
 from surgery.architecture import Architecture, detect
 from surgery.checkpoint import TensorEntry
-from surgery.engine import _TORCH_DTYPE_NAMES, SurgeryResult, _human, _tensor_names, read_needed_tensors
+from surgery.engine import _TORCH_DTYPE_NAMES, SurgeryResult, _count, _human, _tensor_names, read_needed_tensors
 from surgery.errors import CheckpointError, ParallelMergeError, PlanError
 from surgery.modeling_wide import BASE_LINE, SHIPPED_FILES, TEMPLATE_DIR
 from surgery.plan import RECIPE_FILENAME, ParallelGroup, Plan, Recipe
@@ -141,7 +141,7 @@ class ParallelResult(SurgeryResult):
             )
         dtype = self.recipe.options.dtype or "as source"
         lines.append(
-            f"parameters: {self.source_params:,} -> {self.output_params:,}; "
+            f"parameters: {_count(self.source_params)} -> {self.output_params:,}; "
             f"output: {_human(self.total_bytes)} in {len(self.shards)} shard(s), dtype {dtype}"
         )
         if self.out is None:
@@ -559,7 +559,6 @@ def execute_parallel(
     used = set(plan.source_sequence())
     needed = [n for n in names if (layer := architecture.layer_of(n)) is None or layer in used]
     tensors = read_needed_tensors(source, weight_map, needed)
-    source_params = sum(e.numel for e in tensors.values())
     selected = {n: tensors[n] for n in needed}
     outputs = plan_parallel_tensors(selected, architecture, recipe)
     shards = layout_shards(outputs, recipe.options.max_shard_size)
@@ -568,7 +567,7 @@ def execute_parallel(
         recipe=recipe,
         architecture=architecture,
         shards=[(name, sum(t.nbytes for t in group)) for name, group in shards],
-        source_params=source_params,
+        source_params=source.parameter_count(),
         output_params=sum(t.source.numel for t in outputs),
         dry_run=dry_run,
     )

@@ -352,6 +352,7 @@ def test_a_hub_source_downloads_only_the_shards_the_plan_needs(tiny_sharded: Pat
     assert card.data.base_model == "testorg/tiny-source" and card.data.license == "mit"
     total = sum(e.numel for e in read_tensor_index(source).values())
     assert f"| source | 6 | {total:,} |" in card.text
+    assert result.source_params == local.source_params == total  # the summary counts the whole source too
 
     hub.reset_log()  # a second run at the same commit finds everything in the cache
     surgery.prune("testorg/tiny-source", tmp_path / "again", drop="1-4", quiet=True)
