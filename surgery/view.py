@@ -35,7 +35,23 @@ from surgery.plan import ParallelGroup, Plan
 _TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
 
 
-class PlanStep(torch.nn.Module):
+class _ViewStep(torch.nn.Module):
+    """A position of a plan view. Attribute lookups it does not answer go to its (first) source
+    block, so code that reads ``layers[i].self_attn`` or ``.attention_type`` keeps working."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules") or {}
+            if "block" in modules:
+                return getattr(modules["block"], name)
+            if "branches" in modules:
+                return getattr(modules["branches"][0], name)
+            raise
+
+
+class PlanStep(_ViewStep):
     """One position of a plan view: a source block, run as the layer at ``position``.
 
     The block is the original module object (shared with every other position that runs the same
@@ -63,15 +79,6 @@ class PlanStep(torch.nn.Module):
         _point_at(self._indexed, self.position)
         return self.block(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if not modules or "block" not in modules:
-                raise
-            return getattr(modules["block"], name)
-
     def extra_repr(self) -> str:
         return f"position={self.position}, source={self.source_index}"
 
@@ -86,7 +93,7 @@ def _point_at(modules: list[torch.nn.Module], slot: int) -> None:
         setattr(module, "layer_idx", slot)  # noqa: B010 (Module types its attributes as tensors)
 
 
-class ParallelStep(torch.nn.Module):
+class ParallelStep(_ViewStep):
     """One application of a parallel group in a plan view: K source blocks on one input, averaged.
 
     ``mlp_input="exact"`` computes the definition, ``h' = (1/K) * sum_k L_k(h)``, by calling each
@@ -158,15 +165,6 @@ class ParallelStep(torch.nn.Module):
         if isinstance(first, tuple):  # layers that also return attention weights: keep the first branch's
             return (total / k, *first[1:])
         return total / k
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if not modules or "branches" not in modules:
-                raise
-            return getattr(modules["branches"][0], name)
 
     def extra_repr(self) -> str:
         return f"position={self.position}, group={self.group}, slots={self.slots}"
@@ -300,7 +298,7 @@ def live_architecture(model: Any) -> Architecture:
     num_layers = int(text_config.num_hidden_layers)
     module_path = _find_stack(model, num_layers)
     stack = model.get_submodule(module_path)
-    if isinstance(stack[0], (PlanStep, ParallelStep)):
+    if isinstance(stack[0], _ViewStep):
         raise PlanError("this model is already running a plan view; leave it before entering another")
     scope: tuple[str, ...] = ()
     if text_config is not config:
