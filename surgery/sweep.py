@@ -286,7 +286,7 @@ class SweepReport:
                 axes.set_ylabel(labels[metric])
                 axes.grid(alpha=0.3)
                 axes.legend(fontsize=8)
-        figure.suptitle(f"{self.model}: plans vs the original ({self.windows} x {self.seq_len} tokens)", fontsize=10)
+        figure.suptitle(f"{self.model}\nplans vs the original ({self.windows} x {self.seq_len} tokens)", fontsize=10)
         figure.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path)
