@@ -1,8 +1,9 @@
 """The "Transformer Layers as Painters" experiment on SmolLM2-135M, with one load of the weights.
 
 For every N, the first N+1 and the last N of the 30 layers are kept and the middle is skipped,
-replaced by its centre layer repeated, reversed, or shuffled (three seeds, averaged). Each plan
-runs in memory as a view of the one loaded model and is measured against the original on the
+replaced by its centre layer repeated, reversed, shuffled (three seeds, averaged), run in parallel
+(every middle layer on the same input, outputs averaged) or looped parallel (that parallel group
+applied three times). Each plan runs in memory as a view of the one loaded model and is measured against the original on the
 default corpus (Hamlet): KL of the next-token distributions and top-1 agreement.
 
 Run: python examples/painters_sweep.py [OUT] [--max-tokens 1024] [--painters-n 0-13] [--seeds 0-2]
