@@ -18,8 +18,9 @@ Two measurements on the real SmolLM2-135M (Llama, 30 layers), fp32 and bf16, on 
 A prefill figure is the best of ``--repeats`` timed runs after a warm-up; a decode figure is the
 median of every timed decode step over ``--repeats`` runs of ``--steps`` steps, each run on a fresh
 cache prefilled outside the timing (robust to a shared machine's spikes). In (b) the three models
-take turns in each of ``--repeats`` rounds; the table gives each model's best round and the ratio
-of those, with the median of the per-round ratios in brackets.
+take turns one decode step (or one prefill) at a time, on caches of ``--context`` tokens; the
+speed-up is the ratio of the median steps (best prefills) and, in brackets, the median of the
+ratios of steps run back to back.
 The wide checkpoints are written with :func:`surgery.api.parallel` into a temporary directory and
 loaded with ``trust_remote_code=True``, exactly as a user would.
 
@@ -118,24 +119,54 @@ def block_timings(model: Any, first: int, count: int, ctx: int, prefill: int, st
     return {"decode_ms": 1e3 * decode_s, "prefill_ms": 1e3 * prefill_s}
 
 
-def model_timings(model: Any, prompt: int, prefill: int, steps: int, repeats: int) -> dict[str, float]:
-    """Tokens per second of the whole model: batch-1 decode with the KV cache, and a prefill."""
-    vocab = model.config.vocab_size
+def interleaved_timings(models: dict[str, Any], prompt: int, prefill: int, steps: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Whole-model speed of several models, measured in turns so that background load hits them alike.
+
+    Decode: in each of ``repeats`` rounds every model gets a fresh cache of ``prompt`` tokens, then
+    the models take turns one decode step at a time for ``steps`` steps. Prefill: the models take
+    turns, one ``prefill``-token forward each, ``repeats`` times.
+
+    Returns:
+        Per model: ``decode_tok_s`` (from the median step), ``prefill_tok_s`` (best run) and the
+        raw ``decode_steps`` / ``prefill_runs`` in seconds, in turn order (for paired ratios).
+    """
+    vocab = next(iter(models.values())).config.vocab_size
     generator = torch.Generator().manual_seed(0)
     start_ids = torch.randint(0, vocab, (1, prompt), generator=generator)
     next_ids = torch.randint(0, vocab, (1, steps), generator=generator)
     long_ids = torch.randint(0, vocab, (1, prefill), generator=generator)
-
-    def prepare() -> Any:
-        return model(start_ids, use_cache=True, logits_to_keep=1).past_key_values
-
-    def decode(cache: Any, t: int) -> None:
-        model(next_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-
+    decode_steps: dict[str, list[float]] = {name: [] for name in models}
+    prefill_runs: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        decode_s = median_step(prepare, decode, steps, repeats)
-        prefill_s = best(lambda: model(long_ids, use_cache=True, logits_to_keep=1), repeats)
-    return {"decode_tok_s": 1 / decode_s, "prefill_tok_s": prefill / prefill_s}
+        for model in models.values():  # warm-up
+            cache = model(start_ids, use_cache=True, logits_to_keep=1).past_key_values
+            model(next_ids[:, :1], past_key_values=cache, use_cache=True)
+            model(long_ids, use_cache=True, logits_to_keep=1)
+        for _ in range(repeats):
+            caches = {name: m(start_ids, use_cache=True, logits_to_keep=1).past_key_values for name, m in models.items()}
+            for t in range(steps):
+                for name, model in models.items():
+                    started = time.perf_counter()
+                    model(next_ids[:, t : t + 1], past_key_values=caches[name], use_cache=True)
+                    decode_steps[name].append(time.perf_counter() - started)
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(long_ids, use_cache=True, logits_to_keep=1)
+                prefill_runs[name].append(time.perf_counter() - started)
+    return {
+        name: {
+            "decode_tok_s": 1 / statistics.median(decode_steps[name]),
+            "prefill_tok_s": prefill / min(prefill_runs[name]),
+            "decode_steps": decode_steps[name],
+            "prefill_runs": prefill_runs[name],
+        }
+        for name in models
+    }
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> float:
+    """The median of ``slow[i] / fast[i]`` over steps measured back to back."""
+    return statistics.median(a / b for a, b in zip(slow, fast, strict=True))
 
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -208,26 +239,24 @@ def _run(args: argparse.Namespace, source_path: Path, source_name: str, work: Pa
             )
             print(rows_a[-1], file=sys.stderr)
             del wide
-        # The three models take turns within every round, so a load spike on a shared machine hits
-        # them alike; a figure is the best round, the ratio also the median of per-round ratios.
+        # The three models take turns step by step, so a load spike on a shared machine hits them
+        # alike; the speed-up is the ratio of median steps and, in brackets, the median of the
+        # ratios of steps run back to back.
         models = {"30 layers": base}
         for label, path in (("exact", pairs), ("shared (approximation)", shared)):
             models[label] = load(path, dtype, remote=True)
-        rounds: dict[str, list[dict[str, float]]] = {label: [] for label in models}
-        for _ in range(args.repeats):
-            for label, model in models.items():
-                rounds[label].append(model_timings(model, 16, args.prefill, args.steps, 1))
+        timings = interleaved_timings(models, args.context, args.prefill, args.steps, args.repeats)
         profiles = {label: decode_profile(model, args.context) for label, model in models.items()}
-        plain = rounds["30 layers"]
+        plain = timings["30 layers"]
         for label in ("exact", "shared (approximation)"):
-            fast = rounds[label]
-            cells = []
-            for metric in ("decode_tok_s", "prefill_tok_s"):
-                a, b = max(r[metric] for r in plain), max(r[metric] for r in fast)
-                per_round = statistics.median(f[metric] / p[metric] for p, f in zip(plain, fast, strict=True))
-                digits = 1 if metric == "decode_tok_s" else 0
-                cells.append(f"{a:.{digits}f} | {b:.{digits}f} | {b / a:.2f}x ({per_round:.2f}x)")
-            rows_b.append(f"| {name} | {label} | {cells[0]} | {cells[1]} | 1.25x |")
+            fast = timings[label]
+            decode_pair = paired_ratio(plain["decode_steps"], fast["decode_steps"])
+            prefill_pair = paired_ratio(plain["prefill_runs"], fast["prefill_runs"])
+            rows_b.append(
+                f"| {name} | {label} | {plain['decode_tok_s']:.1f} | {fast['decode_tok_s']:.1f} | "
+                f"{fast['decode_tok_s'] / plain['decode_tok_s']:.2f}x ({decode_pair:.2f}x) | {plain['prefill_tok_s']:.0f} | "
+                f"{fast['prefill_tok_s']:.0f} | {fast['prefill_tok_s'] / plain['prefill_tok_s']:.2f}x ({prefill_pair:.2f}x) | 1.25x |"
+            )
             print(rows_b[-1], file=sys.stderr)
         del models, base
         # The most merging can save on a CPU: all the non-matmul time of the merged layers (the
@@ -248,8 +277,8 @@ def _run(args: argparse.Namespace, source_path: Path, source_name: str, work: Pa
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows_a))
     print(f"\n(b) whole model, parallel pairs over layers 10-21 (depth 30 -> 24), CPU, {args.threads} thread(s)\n")
-    print(f"| dtype | mlp-input | decode tok/s, 30 layers | decode tok/s, depth 24 | speed-up (median per round) | prefill-{args.prefill} tok/s, "
-          f"30 layers | prefill-{args.prefill} tok/s, depth 24 | speed-up (median per round) | physical limit |")
+    print(f"| dtype | mlp-input | decode tok/s, 30 layers | decode tok/s, depth 24 | speed-up (paired) | prefill-{args.prefill} tok/s, "
+          f"30 layers | prefill-{args.prefill} tok/s, depth 24 | speed-up (paired) | physical limit |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows_b))
     print(f"\n(c) where a batch-1 decode step goes (torch.profiler, {args.context}-token context), ms per token\n")
