@@ -1,9 +1,10 @@
 """ONNX export with KV cache, validated against PyTorch in ONNX Runtime, and the runner.
 
 Breadth on tiny random models (Llama, Qwen 3 and Gemma 3 with sliding windows shorter than the
-prompts, GPT-2, a wide-block model, BERT); truth on SmolLM2-135M (original, pruned, repeated),
-Gemma 3 270M and all-MiniLM-L6-v2. Every export here runs the full validation: prefill, decode step
-and left-padded batch logits against PyTorch, and 16 greedy tokens against ``transformers`` generate.
+prompts, GPT-2, a wide-block model, BERT); truth on SmolLM2-135M (original, pruned, repeated, with
+wide blocks), Gemma 3 270M and all-MiniLM-L6-v2. Every export here runs the full validation: prefill,
+decode step and left-padded batch logits against PyTorch, and 16 greedy tokens against ``transformers``
+generate.
 """
 
 from __future__ import annotations
@@ -349,6 +350,21 @@ def test_smollm2_repeated_fp16(smol_pruned: Path, tmp_path: Path) -> None:
     _assert_validated(result.onnx)
     _assert_decoder_layout(out / "onnx", 22, onnx.TensorProto.FLOAT16)
     assert generate(out, "Once upon a time", max_new_tokens=4).token_ids
+
+
+@pytest.mark.real
+def test_smollm2_wide_blocks(smollm2_dir: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M with two pairs of layers merged into wide blocks (modelling code inside the checkpoint,
+    6 KV heads in the wide blocks, 3 elsewhere): export, validation and generation at full size."""
+    wide = tmp_path / "wide"
+    surgery.parallel(smollm2_dir, wide, groups="10-11,12-13", quiet=True)
+    result = export_onnx(wide, tmp_path / "wide-onnx", quiet=True, trust_remote_code=True)
+    _assert_validated(result)
+    _assert_decoder_layout(result.out, 28)
+    lm = OnnxCausalLM.load(result.out)
+    assert lm.num_layers == 28 and [c.heads for c in lm.cache[::2]].count(6) == 2
+    assert {c.heads for c in lm.cache} == {3, 6}
+    assert len(generate(result.out, "The capital of France is", max_new_tokens=4).token_ids) == 4
 
 
 @pytest.mark.real
