@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.checkpoint import DTYPE_SIZES, FLOAT_DTYPES, INDEX_FILENAME, TensorEntry
+from surgery.errors import CheckpointError
 
 SAFETENSORS_DTYPE = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _CAST_CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements (16 MB of fp32) per cast step
@@ -151,11 +152,13 @@ def _write_computed(dst: int, tensor: OutputTensor, source: ComputedSource, dst_
     torch_dtype = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     value = source.compute()
     if tuple(value.shape) != tuple(source.shape):
-        raise ValueError(f"{tensor.name}: computed shape {tuple(value.shape)} != planned {tuple(source.shape)}")
+        raise CheckpointError(tensor.name, f"computed shape {tuple(value.shape)} differs from the planned {tuple(source.shape)}",
+                              hint="this is a bug in layer-surgery: please report it with the command you ran")
     stored = value.detach().to("cpu", torch_dtype[tensor.dtype]).contiguous().reshape(-1)
     data = memoryview(stored.view(torch.uint8).numpy())
     if len(data) != tensor.nbytes:
-        raise ValueError(f"{tensor.name}: computed {len(data)} bytes, planned {tensor.nbytes}")
+        raise CheckpointError(tensor.name, f"computed {len(data)} bytes where {tensor.nbytes} were planned",
+                              hint="this is a bug in layer-surgery: please report it with the command you ran")
     done = 0
     while done < len(data):
         done += os.pwrite(dst, data[done:], dst_offset + done)

@@ -10,9 +10,10 @@ import json
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from exporters.safetensors import OutputTensor, layout_shards, output_dtype, write_shards
 from exporters.staging import check_output, staged_output
@@ -201,20 +202,8 @@ def execute(
     plan = recipe.plan
     architecture.check_plan(plan)
 
-    kept_layers = set(plan.layers)
-    needed = [n for n in names if (layer := architecture.layer_of(n)) is None or layer in kept_layers]
-    tensors = read_needed_tensors(source, weight_map, needed)
-    selected = {n: tensors[n] for n in needed}
-    outputs = plan_tensors(selected, architecture, recipe)
-    shards = layout_shards(outputs, recipe.options.max_shard_size)
-    result = SurgeryResult(
-        out=out,
-        recipe=recipe,
-        architecture=architecture,
-        shards=[(name, sum(t.nbytes for t in group)) for name, group in shards],
-        source_params=source.parameter_count(),
-        output_params=sum(t.source.numel for t in outputs),
-        dry_run=dry_run,
+    result, shards = plan_output(
+        SurgeryResult, source, out, recipe, architecture, names, weight_map, plan_tensors, dry_run=dry_run
     )
     if dry_run or out is None:
         return result
@@ -225,22 +214,127 @@ def execute(
         key = "torch_dtype" if "torch_dtype" in new_config and "dtype" not in new_config else "dtype"
         new_config[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
 
+    write_output(
+        source, out, result, shards, new_config, force=force, quiet=quiet,
+        before_files=lambda staging: _check_config_reads_back(staging, architecture, recipe),
+    )
+    return result
+
+
+_Result = TypeVar("_Result", bound=SurgeryResult)
+
+
+def plan_output(
+    result_type: type[_Result],
+    source: Source,
+    out: Path | None,
+    recipe: Recipe,
+    architecture: Architecture,
+    names: list[str],
+    weight_map: dict[str, str] | None,
+    to_outputs: Callable[[dict[str, TensorEntry], Architecture, Recipe], list[OutputTensor]],
+    *,
+    dry_run: bool,
+) -> tuple[_Result, list[tuple[str, list[OutputTensor]]]]:
+    """Read the headers of the tensors a plan needs, plan the output tensors and lay out the shards.
+
+    The planning half shared by both rewrites (plain layer plans here, wide blocks in
+    :mod:`surgery.widen`, which pass their own ``to_outputs``); no tensor data is read.
+
+    Args:
+        result_type: the result class to build (:class:`SurgeryResult` or a subclass).
+        source: the source model; only the shards holding needed tensors are fetched.
+        out: the output directory (recorded in the result).
+        recipe: the plan and write options.
+        architecture: the detected architecture.
+        names: every tensor name of the source.
+        weight_map: tensor name -> shard file (None: one unsharded file).
+        to_outputs: builds the output tensors from the needed source tensors.
+        dry_run: recorded in the result.
+
+    Returns:
+        The result (sizes, parameter counts) and the shards to write.
+
+    Raises:
+        CheckpointError: missing or corrupt weights.
+
+    Example:
+        >>> result, shards = plan_output(SurgeryResult, source, None, recipe, arch, names, weight_map,
+        ...                              plan_tensors, dry_run=True)  # doctest: +SKIP
+    """
+    used = set(recipe.plan.source_sequence())
+    needed = [n for n in names if (layer := architecture.layer_of(n)) is None or layer in used]
+    tensors = read_needed_tensors(source, weight_map, needed)
+    outputs = to_outputs({n: tensors[n] for n in needed}, architecture, recipe)
+    shards = layout_shards(outputs, recipe.options.max_shard_size)
+    result = result_type(
+        out=out,
+        recipe=recipe,
+        architecture=architecture,
+        shards=[(name, sum(t.nbytes for t in group)) for name, group in shards],
+        source_params=source.parameter_count(),
+        output_params=sum(t.source.numel for t in outputs),
+        dry_run=dry_run,
+    )
+    return result, shards
+
+
+def write_output(
+    source: Source,
+    out: Path,
+    result: SurgeryResult,
+    shards: list[tuple[str, list[OutputTensor]]],
+    config: dict[str, Any],
+    *,
+    force: bool,
+    quiet: bool,
+    before_files: Callable[[Path], object] | None = None,
+    skip_files: frozenset[str] = frozenset(),
+) -> None:
+    """Write a planned output into a staging directory and rename it into place as ``out``.
+
+    The one writer of both rewrites (plain layer plans here, wide blocks in :mod:`surgery.widen`):
+    the shards (with a progress bar), ``config.json``, the source's other files (tokenizer,
+    generation config, ...), the recipe and the model card. Nothing appears at ``out`` unless all
+    of it succeeds.
+
+    Args:
+        source: the source model (its other files are copied; it is never modified).
+        out: the output directory.
+        result: the planned result (sizes for the progress bar, facts for the card).
+        shards: ``(file name, tensors)`` per shard, from :func:`~exporters.safetensors.layout_shards`.
+        config: the new ``config.json`` contents.
+        force: replace an existing ``out`` (only once the new one is complete).
+        quiet: no progress bar.
+        before_files: called with the staging directory once the weights and config are written
+            (a read-back check, shipped modelling code).
+        skip_files: names of source files not to copy (files the caller writes itself).
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``force`` is False.
+        CheckpointError: a source tensor cannot be read.
+
+    Example:
+        >>> write_output(source, Path("out"), result, shards, config, force=False, quiet=True)  # doctest: +SKIP
+    """
     with staged_output(out, force=force) as staging:
         from tqdm.auto import tqdm
 
         with tqdm(total=result.total_bytes, unit="B", unit_scale=True, desc="writing", disable=quiet, file=sys.stderr) as bar:
             write_shards(staging, shards, on_bytes=bar.update)
-        (staging / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
-        _check_config_reads_back(staging, architecture, recipe)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if before_files is not None:
+            before_files(staging)
         for extra in source.other_files():
+            if extra.name in skip_files:
+                continue
             target = staging / extra.relative_to(source.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(extra, target)
-        (staging / RECIPE_FILENAME).write_text(recipe.to_yaml())
+        (staging / RECIPE_FILENAME).write_text(result.recipe.to_yaml())
         from exporters.card import write_card  # the model card (README.md), derived from all of the above
 
         write_card(staging, result, source)
-    return result
 
 
 def _check_config_reads_back(directory: Path, architecture: Architecture, recipe: Recipe) -> None:

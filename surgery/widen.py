@@ -45,21 +45,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporters.safetensors import ComputedSource, OutputTensor, layout_shards, output_dtype, write_shards
-from exporters.staging import check_output, staged_output
+from exporters.safetensors import ComputedSource, OutputTensor, output_dtype
+from exporters.staging import check_output
 from surgery.architecture import Architecture, detect
 from surgery.checkpoint import TensorEntry
-from surgery.engine import _TORCH_DTYPE_NAMES, SurgeryResult, _count, _human, _tensor_names, read_needed_tensors
+from surgery.engine import (
+    _TORCH_DTYPE_NAMES,
+    SurgeryResult,
+    _count,
+    _human,
+    _tensor_names,
+    plan_output,
+    write_output,
+)
 from surgery.errors import CheckpointError, ParallelMergeError, PlanError
 from surgery.modeling_wide import BASE_LINE, SHIPPED_FILES, TEMPLATE_DIR
-from surgery.plan import RECIPE_FILENAME, ParallelGroup, Plan, Recipe
+from surgery.plan import ParallelGroup, Plan, Recipe
 from surgery.source import Source
 
 MODEL_TYPE = "surgery_parallel"
@@ -505,7 +511,10 @@ def ship_modeling_code(directory: Path, base_model_type: str) -> list[Path]:
         text = (TEMPLATE_DIR / name).read_text(encoding="utf-8")
         if name.startswith("configuration_"):
             if text.count(BASE_LINE) != 1:
-                raise RuntimeError(f"{name}: the template lost its line {BASE_LINE!r}")
+                raise ParallelMergeError(
+                    base_model_type, f"the shipped modelling template {name} lost its line {BASE_LINE!r}",
+                    hint="reinstall layer-surgery (its package files were modified)",
+                )
             text = text.replace(BASE_LINE, f"BASE_MODEL_TYPE = {json.dumps(base_model_type)}")
         (directory / name).write_text(text, encoding="utf-8")
         written.append(directory / name)
@@ -556,41 +565,17 @@ def execute_parallel(
     plan = recipe.plan
     check_mergeable(architecture, plan, names)
 
-    used = set(plan.source_sequence())
-    needed = [n for n in names if (layer := architecture.layer_of(n)) is None or layer in used]
-    tensors = read_needed_tensors(source, weight_map, needed)
-    selected = {n: tensors[n] for n in needed}
-    outputs = plan_parallel_tensors(selected, architecture, recipe)
-    shards = layout_shards(outputs, recipe.options.max_shard_size)
-    result = ParallelResult(
-        out=out,
-        recipe=recipe,
-        architecture=architecture,
-        shards=[(name, sum(t.nbytes for t in group)) for name, group in shards],
-        source_params=source.parameter_count(),
-        output_params=sum(t.source.numel for t in outputs),
-        dry_run=dry_run,
+    result, shards = plan_output(
+        ParallelResult, source, out, recipe, architecture, names, weight_map, plan_parallel_tensors, dry_run=dry_run
     )
     if dry_run or out is None:
         return result
 
     raw_config = json.loads((source.path / "config.json").read_text())
     new_config = parallel_config(raw_config, architecture, recipe)
-    with staged_output(out, force=force) as staging:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=result.total_bytes, unit="B", unit_scale=True, desc="writing", disable=quiet, file=sys.stderr) as bar:
-            write_shards(staging, shards, on_bytes=bar.update)
-        (staging / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
-        ship_modeling_code(staging, architecture.model_type)
-        for file in source.other_files():
-            if file.name in SHIPPED_FILES:
-                continue
-            target = staging / file.relative_to(source.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, target)
-        (staging / RECIPE_FILENAME).write_text(recipe.to_yaml())
-        from exporters.card import write_card  # the model card (README.md), as the engine writes it
-
-        write_card(staging, result, source)
+    write_output(
+        source, out, result, shards, new_config, force=force, quiet=quiet,
+        before_files=lambda staging: ship_modeling_code(staging, architecture.model_type),
+        skip_files=frozenset(SHIPPED_FILES),
+    )
     return result
