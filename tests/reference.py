@@ -41,13 +41,18 @@ def reference_model(model: torch.nn.Module, layers: Sequence[int]) -> Any:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = position
     setattr(parent, attr, blocks)
-    config = ref.config.get_text_config()
+    follow_positions(ref, list(layers))
+    return ref.eval()
+
+
+def follow_positions(model: Any, sources: Sequence[int]) -> None:
+    """Make every per-layer config list of ``model`` follow the new positions (``sources[j]`` at position j)."""
+    config: Any = model.config.get_text_config()
     n = config.num_hidden_layers
     for key, value in list(vars(config).items()):
         if isinstance(value, list) and len(value) == n and key != "architectures":
-            setattr(config, key, [value[i] for i in layers])
-    config.num_hidden_layers = len(layers)
-    return ref.eval()
+            setattr(config, key, [value[i] for i in sources])
+    config.num_hidden_layers = len(sources)
 
 
 class ParallelReference(torch.nn.Module):
@@ -102,10 +107,5 @@ def parallel_reference_model(model: torch.nn.Module, plan: Any) -> Any:
             blocks.append(copy.deepcopy(original[step]))
             sources.append(step)
     setattr(parent, attr, torch.nn.ModuleList(blocks))
-    config: Any = ref.config.get_text_config()  # type: ignore[union-attr,operator]
-    n = config.num_hidden_layers
-    for key, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == n and key != "architectures":
-            setattr(config, key, [value[i] for i in sources])
-    config.num_hidden_layers = len(blocks)
+    follow_positions(ref, sources)
     return ref.eval()
