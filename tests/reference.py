@@ -109,3 +109,18 @@ def parallel_reference_model(model: torch.nn.Module, plan: Any) -> Any:
     setattr(parent, attr, torch.nn.ModuleList(blocks))
     follow_positions(ref, sources)
     return ref.eval()
+
+
+def cached_logits(model: Any, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Logits of ``ids`` computed as a prefill of ``prefix`` tokens, then one token at a time with the KV cache.
+
+    Every cache test compares this with one uncached forward over the same ids.
+    """
+    with torch.no_grad():
+        step = model(input_ids=ids[:, :prefix], use_cache=True)
+        pieces, cache = [step.logits], step.past_key_values
+        for t in range(prefix, ids.shape[1]):
+            step = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            pieces.append(step.logits)
+            cache = step.past_key_values
+    return torch.cat(pieces, dim=1)

@@ -26,7 +26,7 @@ from surgery.errors import ParallelGroupError, ParallelMergeError
 from surgery.plan import ParallelGroup, Plan, Recipe
 from surgery.view import plan_view
 from tests import tiny
-from tests.reference import parallel_reference_model
+from tests.reference import cached_logits, parallel_reference_model
 
 RTOL = 1e-5
 
@@ -46,17 +46,6 @@ def load_wide(out: Path) -> Any:
     model, info = loaded
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
-
-
-def cached_logits(model: Any, ids: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Logits of ``ids`` computed as a prefill of ``prefix`` tokens, then one token at a time with the cache."""
-    out = model(ids[:, :prefix], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
-    for i in range(prefix, ids.shape[1]):
-        out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        steps.append(out.logits)
-    return torch.cat(steps, dim=1)
 
 
 def greedy(model: Any, ids: torch.Tensor, new: int, *, use_cache: bool) -> torch.Tensor:

@@ -19,7 +19,7 @@ import transformers
 
 import surgery
 from tests import tiny
-from tests.reference import reference_model
+from tests.reference import cached_logits, reference_model
 
 transformers.logging.set_verbosity_error()
 RTOL, ATOL = 1e-5, 1e-6
@@ -48,13 +48,7 @@ def assert_cache_consistent(model: Any, ids: torch.Tensor, prefill: int = 8) -> 
     """Prefill then one-token steps with the KV cache == one uncached forward over everything."""
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
-        step = model(input_ids=ids[:, :prefill], use_cache=True)
-        pieces, cache = [step.logits], step.past_key_values
-        for t in range(prefill, ids.shape[1]):
-            step = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            pieces.append(step.logits)
-            cache = step.past_key_values
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached_logits(model, ids, prefill), full, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("operation", list(OPERATIONS))

@@ -24,7 +24,7 @@ from surgery.plan import Plan
 from surgery.validate import greedy_continuation
 from surgery.view import ParallelStep, PlanStep, live_architecture, plan_view
 from tests import tiny
-from tests.reference import parallel_reference_model, reference_model
+from tests.reference import cached_logits, parallel_reference_model, reference_model
 
 transformers.logging.set_verbosity_error()
 RTOL, ATOL = 1e-5, 1e-6
@@ -53,13 +53,7 @@ def cached_and_full(model: Any, ids: torch.Tensor, prefill: int = 6) -> tuple[to
     """Logits of prefill + one-token cached steps, and of one uncached forward over everything."""
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
-        step = model(input_ids=ids[:, :prefill], use_cache=True)
-        pieces, cache = [step.logits], step.past_key_values
-        for t in range(prefill, ids.shape[1]):
-            step = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            pieces.append(step.logits)
-            cache = step.past_key_values
-    return torch.cat(pieces, dim=1), full
+    return cached_logits(model, ids, prefill), full
 
 
 def ids_for(seed: int = 1, length: int = 12) -> torch.Tensor:
