@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import surgery  # noqa: E402
 from exporters.onnx import export_onnx  # noqa: E402
 from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
+from surgery.compat import output_cache, with_cache  # noqa: E402
 from surgery.source import open_source  # noqa: E402
 
 PROMPT_TOKENS = 128
@@ -149,11 +150,11 @@ def time_eager(model: Any, ids: torch.Tensor, steps: int) -> Timing:
         started = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
         prefill = time.perf_counter() - started
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
         started = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(**with_cache(model, cache, input_ids=token, use_cache=True))
+            cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
         decode = time.perf_counter() - started
     return Timing(prefill * 1000, steps / decode)
 

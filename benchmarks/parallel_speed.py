@@ -44,6 +44,10 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from surgery.compat import cache_keyword, output_cache, with_cache  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PAIRS = "10-11,12-13,14-15,16-17,18-19,20-21"
 MERGED_LAYERS, NUM_LAYERS = 12, 30
@@ -98,7 +102,7 @@ def block_timings(model: Any, first: int, count: int, ctx: int, prefill: int, st
         embeddings = rotary(h, positions)
         for layer in layers:
             h = layer(h, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
-                      past_key_values=cache, use_cache=cache is not None)
+                      use_cache=cache is not None, **{cache_keyword(layer.forward): cache})
         return h
 
     context = torch.randn(1, ctx, hidden, generator=generator).to(dtype)
@@ -139,15 +143,15 @@ def interleaved_timings(models: dict[str, Any], prompt: int, prefill: int, steps
     prefill_runs: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():  # warm-up
-            cache = model(start_ids, use_cache=True, logits_to_keep=1).past_key_values
-            model(next_ids[:, :1], past_key_values=cache, use_cache=True)
+            cache = output_cache(model(start_ids, use_cache=True, logits_to_keep=1))
+            model(next_ids[:, :1], **with_cache(model, cache, use_cache=True))
             model(long_ids, use_cache=True, logits_to_keep=1)
         for _ in range(repeats):
-            caches = {name: m(start_ids, use_cache=True, logits_to_keep=1).past_key_values for name, m in models.items()}
+            caches = {name: output_cache(m(start_ids, use_cache=True, logits_to_keep=1)) for name, m in models.items()}
             for t in range(steps):
                 for name, model in models.items():
                     started = time.perf_counter()
-                    model(next_ids[:, t : t + 1], past_key_values=caches[name], use_cache=True)
+                    model(next_ids[:, t : t + 1], **with_cache(model, caches[name], use_cache=True))
                     decode_steps[name].append(time.perf_counter() - started)
             for name, model in models.items():
                 started = time.perf_counter()
@@ -179,12 +183,12 @@ def decode_profile(model: Any, prompt: int, steps: int = 10) -> dict[str, float]
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     token = ids[:, -1:]
     with torch.no_grad():
-        cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = output_cache(model(ids, use_cache=True, logits_to_keep=1))
         for _ in range(3):
-            model(token, past_key_values=cache, use_cache=True)
+            model(token, **with_cache(model, cache, use_cache=True))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                model(token, past_key_values=cache, use_cache=True)
+                model(token, **with_cache(model, cache, use_cache=True))
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / steps / 1e3

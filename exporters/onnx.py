@@ -42,6 +42,7 @@ import numpy as np
 
 from exporters.onnx_runtime import ONNX_FILENAME, OnnxCausalLM, create_session
 from exporters.staging import check_output, staged_output
+from surgery.compat import output_cache, with_cache
 from surgery.errors import (
     CudaUnavailableError,
     OnnxExportError,
@@ -264,7 +265,7 @@ def _load(path: Path, trust_remote_code: bool) -> _Loaded:
 
     with torch.no_grad():
         probe = model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=True)
-    cache = getattr(probe, "past_key_values", None)
+    cache = output_cache(probe)
     layers = getattr(cache, "layers", None) if isinstance(cache, Cache) else None
     if not layers or any(getattr(layer, "keys", None) is None or layer.keys.dim() != 4 for layer in layers):
         raise UnsupportedArchitectureError(
@@ -318,10 +319,10 @@ def _decoder_wrapper(model: Any) -> torch.nn.Module:
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                     past_key_values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=_build_cache(past_key_values), use_cache=True)
+            out = self.model(**with_cache(self.model, _build_cache(past_key_values), input_ids=input_ids,
+                                          attention_mask=attention_mask, position_ids=position_ids, use_cache=True))
             present: list[torch.Tensor] = []
-            for layer in out.past_key_values.layers:
+            for layer in output_cache(out).layers:
                 present.extend((layer.keys, layer.values))
             return out.logits, tuple(present)
 
@@ -797,9 +798,9 @@ def validate_against(loaded: _Loaded, directory: Path, *, dtype: str = "fp32", d
 
     def torch_step(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
         with torch.no_grad():
-            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True)
-        return out.logits.float().numpy(), out.past_key_values
+            out = model(**with_cache(model, cache, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                     position_ids=torch.from_numpy(positions), use_cache=True))
+        return out.logits.float().numpy(), output_cache(out)
 
     def exact(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last: int) -> Callable[[], np.ndarray] | None:
         """The float64 logits of the last ``last`` positions of the whole sequence, computed only if needed."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from surgery.architecture import load_config
+from surgery.compat import output_cache, with_cache
 from surgery.corpus import TextSet, read_texts, token_windows
 from surgery.errors import (
     CheckpointError,
@@ -521,12 +522,12 @@ def greedy_continuation(model: Any, prompts: torch.Tensor, new_tokens: int) -> t
 
     with torch.inference_mode():
         out = model(input_ids=prompts, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         generated = [token]
         for _ in range(new_tokens - 1):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(**with_cache(model, cache, input_ids=token, use_cache=True))
+            cache = output_cache(out)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(token)
         return torch.cat(generated, dim=1)

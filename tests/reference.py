@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from surgery.compat import CACHE_NAMES, output_cache, with_cache
+
 
 def layer_stack(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """(parent module, attribute name) of the largest ModuleList of num_hidden_layers blocks."""
@@ -70,7 +72,7 @@ class ParallelReference(torch.nn.Module):
         self.attention_type = getattr(layers[0], "attention_type", None)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is not None or any(isinstance(a, Cache) for a in args):
+        if any(kwargs.get(name) is not None for name in CACHE_NAMES) or any(isinstance(a, Cache) for a in args):
             raise NotImplementedError("the parallel reference runs without a KV cache (use_cache=False)")
         k = len(self.branches)
         if self.mlp_input == "exact":
@@ -118,9 +120,9 @@ def cached_logits(model: Any, ids: torch.Tensor, prefix: int) -> torch.Tensor:
     """
     with torch.no_grad():
         step = model(input_ids=ids[:, :prefix], use_cache=True)
-        pieces, cache = [step.logits], step.past_key_values
+        pieces, cache = [step.logits], output_cache(step)
         for t in range(prefix, ids.shape[1]):
-            step = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            step = model(**with_cache(model, cache, input_ids=ids[:, t : t + 1], use_cache=True))
             pieces.append(step.logits)
-            cache = step.past_key_values
+            cache = output_cache(step)
     return torch.cat(pieces, dim=1)

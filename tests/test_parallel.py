@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from surgery import api
 from surgery.cli import main
+from surgery.compat import output_cache
 from surgery.errors import ParallelGroupError, ParallelMergeError
 from surgery.plan import ParallelGroup, Plan, Recipe
 from surgery.view import plan_view
@@ -224,7 +225,7 @@ def test_checkpoint_layout_config_and_loading(tiny_model: Callable[..., Path], t
     wide = load_wide(out)
     assert wide.model.layers[2]._block[0] is wide.model.layers[1]  # the loop reuses the module
     with torch.no_grad():
-        cache = wide(IDS, use_cache=True).past_key_values
+        cache = output_cache(wide(IDS, use_cache=True))
     # One cache entry per application; a wide block's entry holds K·H_kv = 2·2 heads.
     assert [layer.keys.shape[1] for layer in cache.layers] == [2, 4, 4, 4, 4, 4, 4, 2]
     # A rebuild from the recipe in OUT gives the same bytes.

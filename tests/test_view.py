@@ -19,6 +19,7 @@ import transformers
 
 import surgery
 import surgery.plan
+from surgery.compat import with_cache
 from surgery.errors import ParallelGroupError, PlanError, UnsupportedArchitectureError
 from surgery.plan import Plan
 from surgery.validate import greedy_continuation
@@ -260,7 +261,7 @@ def test_view_refuses_a_cache_it_cannot_grow(tiny_models: Callable[[str], Any]) 
     with plan_view(model, Plan.from_ranges("0,[1-2],3-5", tiny.NUM_LAYERS)) as view, torch.no_grad():
         cache = transformers.StaticCache(config=view.config, max_cache_len=16)  # one slot per position
         with pytest.raises(PlanError, match="needs a DynamicCache"):
-            view(input_ids=ids_for(1)[:1, :4], past_key_values=cache, use_cache=True)
+            view(**with_cache(view, cache, input_ids=ids_for(1)[:1, :4], use_cache=True))
 
 
 def test_view_restores_the_model_when_the_body_raises(tiny_models: Callable[[str], Any]) -> None:

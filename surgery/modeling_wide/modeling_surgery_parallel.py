@@ -31,6 +31,7 @@ each with its own KV-cache slot (``num_hidden_layers`` counts applications).
 """
 
 import importlib
+import inspect
 from typing import Any
 
 import torch
@@ -49,6 +50,12 @@ _recorded: Any = (getattr(BaseModel, "_can_record_outputs", None) or {}).get("hi
 BaseDecoderLayer: Any = (
     _recorded if isinstance(_recorded, type) else getattr(_base, BaseModel.__name__[: -len("Model")] + "DecoderLayer")
 )
+# transformers renamed the KV-cache argument of model and layer forwards (``past_key_values`` -> ``cache``
+# in 5.24). The base model passes its layers the name its own decoder layer takes, so that signature
+# decides which name a wide block reads; the other name is still accepted (a caller on the old
+# convention, such as a deprecation shim), and both at once is an error.
+CACHE_ARGUMENT: str = "cache" if "cache" in inspect.signature(BaseDecoderLayer.forward).parameters else "past_key_values"
+_CACHE_NAMES = (CACHE_ARGUMENT, "past_key_values" if CACHE_ARGUMENT == "cache" else "cache")
 apply_rotary_pos_emb: Any = _base.apply_rotary_pos_emb
 eager_attention_forward: Any = _base.eager_attention_forward
 
@@ -58,6 +65,15 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.to(torch.float32)
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Take the KV cache out of a layer's keyword arguments, under whichever name the caller used."""
+    given = [name for name in _CACHE_NAMES if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise TypeError(f"a wide block got the KV cache twice, as {given[0]!r} and {given[1]!r}")
+    found = [kwargs.pop(name, None) for name in _CACHE_NAMES]
+    return next((cache for cache in found if cache is not None), None)
 
 
 def _eps(norm: Any) -> float:
@@ -168,7 +184,7 @@ class ParallelAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Any = None,
+        cache: Any = None,
         cache_slot: int | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -189,8 +205,8 @@ class ParallelAttention(nn.Module):
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx if cache_slot is None else cache_slot)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx if cache_slot is None else cache_slot)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         extra: dict[str, Any] = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
         if self.softcap is not None:
@@ -280,14 +296,16 @@ class ParallelBlock(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Any = None,
         cache_slot: int | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        assert position_embeddings is not None, "the block needs the model's rotary position embeddings"
+        """One application of the block; the KV cache comes in ``kwargs`` as ``cache`` or ``past_key_values``."""
+        if position_embeddings is None:
+            raise TypeError("a wide block needs the model's rotary position embeddings (position_embeddings)")
+        cache = pop_cache(kwargs)
         attn, _ = self.self_attn(
             rms_normalize(hidden_states, self.input_eps), position_embeddings, attention_mask,
-            past_key_values=past_key_values, cache_slot=cache_slot, **kwargs,
+            cache=cache, cache_slot=cache_slot, **kwargs,
         )
         if self.mlp_input == "shared":
             mixed = hidden_states + attn
