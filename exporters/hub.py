@@ -33,6 +33,7 @@ from surgery.errors import (
     RepoIdError,
 )
 from surgery.plan import RECIPE_FILENAME, Recipe
+from surgery.redact import redact
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -166,7 +167,7 @@ def _commit_message(out: Path) -> str:
 
 def _redact(text: str, token: str | None) -> str:
     text = " ".join(str(text).split())
-    return text.replace(token, "***") if token else text
+    return redact(text.replace(token, "***") if token else text, [token])
 
 
 @contextmanager

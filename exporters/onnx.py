@@ -583,7 +583,7 @@ def export_onnx(
     _check_options(dtype, opset, device)
     out = Path(out)
     source = open_source(model, allow_pickle=allow_pickle, quiet=quiet)
-    check_output(out, force=force, protected=(source.path,))
+    check_output(out, force=force, protected=source.protected_paths())
     return export_source(source, out, dtype=dtype, opset=opset, validate=validate, device=device, force=force,
                          trust_remote_code=trust_remote_code)
 
@@ -662,7 +662,7 @@ def _prompts(directory: Path, vocab: int) -> list[list[int]]:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)  # best effort, never code
         texts = ["The history of the printing press begins in the fifteenth century, when",
                  "def fibonacci(n):"]
         ids = [tokenizer(text)["input_ids"] for text in texts]

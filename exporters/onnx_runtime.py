@@ -444,11 +444,16 @@ def generate(
         directory = cached_export(model, quiet=quiet, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     lm = OnnxCausalLM.load(directory, device, threads=threads)
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a config whose code is not run falls back quietly; the error says it all
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(str(directory), f"has no usable tokenizer ({str(exc).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise OptionError("this model's tokenizer has no chat template; drop --chat")

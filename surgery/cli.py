@@ -1,7 +1,8 @@
 """The ``surgery`` command line: each verb is a thin adapter over one function of :mod:`surgery.api`.
 
 Errors raised on purpose (:class:`~surgery.errors.SurgeryError`) and OS errors become one line on
-stderr and exit code 2; ``--debug`` shows the traceback instead.
+stderr and exit code 2; ``--debug`` shows the traceback instead. Everything the CLI prints passes
+through :func:`surgery.redact.redact`: no token or URL password is ever shown.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import json
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from surgery import api
 from surgery.engine import SurgeryResult
 from surgery.errors import OptionError, SurgeryError
+from surgery.redact import redacted_output
 
 if TYPE_CHECKING:  # the measuring modules import torch: only when a measuring verb runs
     from surgery.validate import MeasureOptions
@@ -24,6 +27,8 @@ if TYPE_CHECKING:  # the measuring modules import torch: only when a measuring v
 EXIT_USAGE = 2
 # A measurement that missed a --max-kl / --min-top1 / --min-cosine bar.
 EXIT_GATE = 1
+# An error that is a bug in this tool (shown with its traceback), as for an uncaught exception.
+EXIT_BUG = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -386,24 +391,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input). A measuring verb whose result
-    missed a bar (--max-kl, --min-top1, --min-cosine) raises SystemExit(1) after printing it."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error already printed as one line (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 a bug in this tool, shown with its
+    traceback; ``--debug`` shows the traceback of bad input too, still exit 2). A measuring verb whose
+    result missed a bar (--max-kl, --min-top1, --min-cosine) raises SystemExit(1) after printing it.
+    Nothing printed holds a token or URL password (:func:`surgery.redact.redact`)."""
+    # Everything printed (usage errors, results, errors, tracebacks, warnings, progress, logs) is
+    # redacted: no token or URL password reaches the terminal (surgery.redact).
+    with redacted_output(_token_values(sys.argv[1:] if argv is None else argv)):
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help (0) or a usage error already printed as one line (2)
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return _run(args)
+
+
+def _token_values(argv: Sequence[str]) -> list[str]:
+    """The values given to ``--token`` (known before parsing, so a usage error cannot show them either)."""
+    values = [value for option, value in zip(argv, argv[1:], strict=False) if option == "--token"]
+    return values + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--token=")]
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         handler: Callable[[argparse.Namespace], Any] = args.handler
         handler(args)
     except (SurgeryError, OSError) as exc:
         if args.debug:
-            raise
+            sys.stderr.write(traceback.format_exc())
+            return EXIT_USAGE
         text = exc.one_line() if isinstance(exc, SurgeryError) else " ".join(str(exc).split())
         sys.stderr.write(f"surgery: error: {text}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("surgery: interrupted; nothing was written\n")
         return 130
+    except Exception:  # a bug in this tool: its traceback, as Python would print it, but redacted
+        sys.stderr.write(traceback.format_exc())
+        return EXIT_BUG
     return 0
 
 

@@ -196,7 +196,7 @@ def execute(
             source, out, recipe, force=force, dry_run=dry_run, quiet=quiet, trust_remote_code=trust_remote_code
         )
     if out is not None and not dry_run:
-        check_output(out, force=force, protected=(source.path,))
+        check_output(out, force=force, protected=source.protected_paths())
     names, weight_map = _tensor_names(source)
     architecture = detect(source.path, names, trust_remote_code=trust_remote_code)
     plan = recipe.plan
@@ -344,9 +344,14 @@ def _check_config_reads_back(directory: Path, architecture: Architecture, recipe
     """
     from transformers import AutoConfig
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = AutoConfig.from_pretrained(str(directory))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):  # a config class that ships as code: not run on our own output
+            return
+        raise
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text_config.num_hidden_layers != len(recipe.plan):
         raise UnsupportedArchitectureError(architecture.model_type, "the rewritten config does not read back its layer count")

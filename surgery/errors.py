@@ -290,3 +290,30 @@ class CudaUnavailableError(SurgeryError, RuntimeError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"CUDA requested but unavailable: {reason}", hint="or run with --device cpu")
+
+
+# -- your files (issue #12): the output directory is never mixed up with anything else ----------
+
+
+class OutputBusyError(SurgeryError, BlockingIOError):
+    """Another run is writing the same output directory now (its lock beside OUT is held)."""
+
+    def __init__(self, path: str, lock: str) -> None:
+        self.path = path
+        self.lock = lock
+        super().__init__(
+            f"output {path} is being written by another run (lock {lock} is held)",
+            hint="wait for it to finish, or choose another output directory",
+        )
+
+
+class OutputChangedError(SurgeryError, FileExistsError):
+    """Something appeared at, or replaced, the output path while this run was writing; it was left alone."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"output {path} {reason} while this run was writing; it was left untouched and nothing was written",
+            hint="run again once nothing else writes there, or choose another output directory",
+        )

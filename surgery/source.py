@@ -22,6 +22,8 @@ import json
 import os
 import re
 import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -72,6 +74,8 @@ class Source:
         path: the local directory with ``config.json`` and the safetensors weights.
         repo_id: the Hub repository when the source came from the Hub.
         pending_files: Hub shards not fetched yet (see :meth:`fetch`).
+        origin: what the user named on this machine (the directory or ``.gguf`` file), when it is
+            not ``path`` itself (a converted copy in the cache); never written to.
     """
 
     name: str
@@ -79,6 +83,12 @@ class Source:
     repo_id: str | None = None
     revision: str | None = None
     pending_files: list[str] = field(default_factory=list)
+    origin: Path | None = None
+
+    def protected_paths(self) -> tuple[Path, ...]:
+        """Paths an output must neither be, lie inside nor contain: the directory read, and what the user named."""
+        return (self.path,) if self.origin is None else (self.path, self.origin)
+
 
     def fetch(self, needed_files: Iterable[str]) -> None:
         """Download the named shards of a Hub source (a no-op for local sources)."""
@@ -140,18 +150,89 @@ class Source:
         return total
 
     def other_files(self) -> list[Path]:
-        """Non-weight files to copy into the output (tokenizer, generation config, templates, ...)."""
+        """Non-weight files to copy into the output (tokenizer, generation config, templates, ...).
+
+        Only regular files inside the model directory: a symlink leading outside it (or into a
+        loop), a FIFO, socket or device is skipped with a warning on stderr, never read. Symlinks
+        into the Hugging Face cache's ``blobs`` of the same repository (a ``snapshots/REV``
+        directory) count as inside.
+        """
         out = []
-        for file in sorted(self.path.rglob("*")):
+        for file in safe_files(self.path):
             rel = file.relative_to(self.path)
-            if not file.is_file() or any(part.startswith(".") for part in rel.parts):
-                continue
             if str(rel) in NOT_COPIED or file.name.endswith(WEIGHT_SUFFIXES):
                 continue
             if len(rel.parts) > 1 and rel.parts[0] == "onnx":  # the source's ONNX export describes the source only
                 continue
             out.append(file)
         return out
+
+
+def safe_files(directory: Path, *, recursive: bool = True) -> list[Path]:
+    """The regular files in ``directory`` (hidden ones left out), sorted, without following anything outside it.
+
+    A symlink is kept only when it resolves to a regular file inside ``directory`` (or inside the
+    ``blobs`` directory of a Hugging Face cache snapshot); symlinked directories are not entered.
+    Everything skipped that is not hidden (symlinks leading out, FIFOs, sockets, devices) is
+    reported on stderr, one line each.
+
+    Args:
+        directory: the model directory.
+        recursive: enter subdirectories.
+
+    Returns:
+        The files, as paths under ``directory``.
+
+    Example:
+        >>> safe_files(Path("my-model"))  # doctest: +SKIP
+        [PosixPath('my-model/config.json'), PosixPath('my-model/tokenizer.json')]
+    """
+    root = directory.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # huggingface_hub cache: snapshots/REV/* -> ../../blobs/*
+        allowed.append(root.parent.parent / "blobs")
+    found = []
+    for folder, dirs, files in os.walk(directory, followlinks=False):
+        base = Path(folder)
+        linked = [d for d in dirs if not d.startswith(".") and (base / d).is_symlink()]
+        for name in linked:
+            sys.stderr.write(f"surgery: warning: skipped {base / name}: a symlink to a directory, not entered\n")
+        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith(".") and d not in linked)
+        for name in sorted(files):
+            path = base / name
+            if name.startswith("."):
+                continue
+            problem = _unsafe(path, allowed)
+            if problem is None:
+                found.append(path)
+            else:
+                sys.stderr.write(f"surgery: warning: skipped {path}: {problem}\n")
+    return sorted(found)
+
+
+def _unsafe(path: Path, allowed: list[Path]) -> str | None:
+    """Why ``path`` must not be read as an ordinary file of the model, or None when it may."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    if stat.S_ISLNK(mode):
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return "a broken or looping symlink"
+        if not any(target == root or root in target.parents for root in allowed):
+            return f"a symlink to {target}, outside the model directory"
+        mode = os.stat(target).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a regular file"
+    return "not a regular file"
 
 
 def open_source(model: str | os.PathLike[str] | None, *, allow_pickle: bool = False, quiet: bool = False) -> Source:
@@ -181,13 +262,13 @@ def open_source(model: str | os.PathLike[str] | None, *, allow_pickle: bool = Fa
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix == ".gguf":
-            return Source(name, _convert_gguf(path, quiet=quiet))
+            return Source(name, _convert_gguf(path, quiet=quiet), origin=path)
         if path.name == "config.json":
             path = path.parent
         else:
             raise CheckpointError(name, "is a file; pass the model directory, or a .gguf file")
     if path.is_dir():
-        return Source(name, _local_dir(path, allow_pickle=allow_pickle, quiet=quiet))
+        return Source(name, _local_dir(path, allow_pickle=allow_pickle, quiet=quiet), origin=path)
     if _REPO_ID.match(name) and not name.startswith((".", "/")):
         return _open_hub(name)
     raise ModelNotFoundError(name, "no such file or directory, and not a Hub repo id (org/name)")
@@ -239,11 +320,12 @@ def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
         if quiet:
             transformers.logging.disable_progress_bar()
         try:
-            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            # trust_remote_code=False: a GGUF conversion never runs code, and never asks whether to.
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
             model_class = getattr(transformers, (config.architectures or ["AutoModelForCausalLM"])[0], None)
             model_class = model_class or transformers.AutoModelForCausalLM
-            model = model_class.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = model_class.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise CheckpointError(str(gguf), f"cannot be read as GGUF by transformers ({str(exc).splitlines()[0]})") from None
         # The dequantized weights are plain fp32; drop the GGUF quantizer so save_pretrained writes them.
@@ -290,8 +372,8 @@ def _convert_pickle(path: Path, pickles: list[Path]) -> Path:
             weight_map.update(dict.fromkeys(tensors, shard))
             del state, tensors
         (staging / INDEX_FILENAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-        for file in path.iterdir():
-            if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES) and file.name != "pytorch_model.bin.index.json":
+        for file in safe_files(path, recursive=False):
+            if not file.name.endswith(WEIGHT_SUFFIXES) and file.name != "pytorch_model.bin.index.json":
                 shutil.copy2(file, staging / file.name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -238,13 +238,15 @@ def load_model(model: PathLike | None, settings: Settings) -> LoadedModel:
                     **placement,
                 )
             else:
-                loaded = model_class.from_pretrained(str(source.path), dtype=dtype, **placement)
+                loaded = model_class.from_pretrained(
+                    str(source.path), dtype=dtype, trust_remote_code=settings.trust_remote_code, **placement
+                )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(str(source.path), f"cannot be loaded by transformers ({str(exc).splitlines()[0]})") from None
     if device is not None:
         loaded = loaded.to(device)
     loaded.eval()
-    return LoadedModel(source.name, source.path, loaded, _load_tokenizer(source.path), _is_causal(loaded))
+    return LoadedModel(source.name, source.path, loaded, _load_tokenizer(source.path, settings.trust_remote_code), _is_causal(loaded))
 
 
 def _is_causal_config(config: Any) -> bool:
@@ -256,13 +258,13 @@ def _is_causal(model: Any) -> bool:
     return bool(can_generate()) if callable(can_generate) else False
 
 
-def _load_tokenizer(path: Path) -> Any | None:
+def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any | None:
     from transformers import AutoTokenizer
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(str(path))
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError):
         return None
 

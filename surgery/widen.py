@@ -559,7 +559,7 @@ def execute_parallel(
         >>> execute_parallel(open_source(None), Path("out"), Recipe(Plan.parallel("10-13", 3, 30)))  # doctest: +SKIP
     """
     if out is not None and not dry_run:
-        check_output(out, force=force, protected=(source.path,))
+        check_output(out, force=force, protected=source.protected_paths())
     names, weight_map = _tensor_names(source)
     architecture = detect(source.path, names, trust_remote_code=trust_remote_code)
     plan = recipe.plan

@@ -134,11 +134,11 @@ def test_recipe_for_another_model(capsys: pytest.CaptureFixture[str], tiny_model
     assert_one_line_error(code, err, "cannot be read")
 
 
-def test_debug_shows_the_traceback(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
-    from surgery.errors import LayerIndexError
-
-    with pytest.raises(LayerIndexError):
-        main(["prune", str(tiny_model("llama")), str(tmp_path / "out"), "--drop", "9", "--debug"])
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str], tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "prune", str(tiny_model("llama")), str(tmp_path / "out"), "--drop", "9", "--debug")
+    assert code == 2
+    assert err.startswith("Traceback (most recent call last):")
+    assert "surgery.errors.LayerIndexError: layer 9 is out of range" in err
 
 
 def test_verbs_write_what_the_api_writes(capsys: pytest.CaptureFixture[str], tiny_model: Callable[..., Path], tmp_path: Path) -> None:
