@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
-from surgery.architecture import detect, load_config
+from surgery.architecture import detect, layer_count, load_config
 from surgery.checkpoint import read_tensor_index
 from surgery.engine import SurgeryResult, _human, _tensor_names, execute
 from surgery.errors import OptionError
@@ -52,7 +52,7 @@ class Options(TypedDict, total=False):
 def _run(model: PathLike | None, out: PathLike | None, build: Callable[[int], Plan], options: Options) -> SurgeryResult:
     source = open_source(model, allow_pickle=options.get("allow_pickle", False), quiet=options.get("quiet", False))
     config = load_config(source.path, trust_remote_code=options.get("trust_remote_code", False))
-    num_layers = int(config.get_text_config().num_hidden_layers)
+    num_layers = layer_count(config)
     plan = build(num_layers)
     size = options.get("max_shard_size")
     write = WriteOptions(dtype=options.get("dtype"), max_shard_size=parse_size(size) if size else WriteOptions.max_shard_size)

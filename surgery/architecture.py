@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surgery.errors import CheckpointError, PlanError, UnsupportedArchitectureError
-from surgery.plan import Plan
+from surgery.checkpoint import is_count, read_json_object
+from surgery.errors import CheckpointError, PlanError, SurgeryError, UnsupportedArchitectureError
+from surgery.plan import MAX_POSITIONS, Plan
 
 # Config keys that name the layer count, in the order they are tried (after attribute_map).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
@@ -154,14 +155,100 @@ class Architecture:
         return {field: [values[i] for _, i in plan.mapping()] for field, values in self.per_layer.items()}
 
 
+# Config keys whose value is a count or a size wherever they appear (also in nested configs):
+# a whole number or null. A string ("30"), a float or a list there is refused before transformers
+# sees it, because config classes do arithmetic with them.
+COUNT_KEYS = (
+    *LAYER_COUNT_KEYS, "hidden_size", "n_embd", "d_model", "intermediate_size", "ffn_dim", "n_inner",
+    "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "vocab_size",
+    "max_position_embeddings", "n_positions", "sliding_window", "max_window_layers",
+)
+# Keys holding a nested config: an object or null.
+NESTED_CONFIG_KEYS = ("text_config", "language_config", "llm_config", "vision_config", "audio_config")
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """A directory's ``config.json`` as a dict, checked before anything uses it.
+
+    Checked: a regular UTF-8 file holding a JSON object; ``model_type`` a string;
+    ``architectures`` a list of strings; nested configs (``text_config`` ...) objects; every
+    count or size (:data:`COUNT_KEYS`, at any depth) a non-negative whole number or null; a
+    layer count at most :data:`~surgery.plan.MAX_POSITIONS`.
+
+    Args:
+        model_dir: the model directory.
+
+    Returns:
+        The parsed config.
+
+    Raises:
+        CheckpointError: the file is missing, not UTF-8, not JSON, not an object, or a value
+            has the wrong type; the message names the file and the key.
+
+    Example:
+        >>> read_config(Path("no/such/dir"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        surgery.errors.CheckpointError: no/such/dir/config.json: is missing
+    """
+    path = model_dir / "config.json"
+    config = read_json_object(path, "config")
+    _check_config_values(path, config, "")
+    return config
+
+
+def _check_config_values(path: Path, config: dict[str, Any], scope: str) -> None:
+    def wrong(key: str, value: object, expected: str) -> CheckpointError:
+        shown = repr(value) if isinstance(value, (str, int, float)) and len(repr(value)) <= 40 else type(value).__name__
+        return CheckpointError(
+            str(path), f"config key {scope + key!r} is {shown}, not {expected}",
+            hint="fix config.json: counts and sizes are JSON numbers such as 30, not strings such as \"30\"",
+        )
+
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise wrong("model_type", config["model_type"], "a string")
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise wrong("architectures", architectures, "a list of class names")
+    for key in COUNT_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not is_count(value):
+            raise wrong(key, value, "a non-negative whole number")
+        if key in LAYER_COUNT_KEYS and value > MAX_POSITIONS:
+            raise wrong(key, value, f"a layer count this tool handles (at most {MAX_POSITIONS:,})")
+    for key, value in config.items():
+        if isinstance(value, dict):
+            _check_config_values(path, value, f"{scope}{key}.")
+        elif key in NESTED_CONFIG_KEYS and value is not None:
+            raise wrong(key, value, "an object (a nested config)")
+
+
 def load_config(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
-    """Load a directory's config with ``transformers``; unknown types become a one-line error."""
+    """Load a directory's config with ``transformers``, after :func:`read_config` has checked it.
+
+    Args:
+        model_dir: the model directory.
+        trust_remote_code: allow a config class that ships in the model repository.
+
+    Returns:
+        The ``transformers`` config object.
+
+    Raises:
+        CheckpointError: a malformed ``config.json`` (see :func:`read_config`), or one that
+            ``transformers`` refuses for any other reason.
+        UnsupportedArchitectureError: a model type ``transformers`` does not know, or remote code
+            that is not trusted.
+    """
     from transformers import AutoConfig
 
+    read_config(model_dir)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except SurgeryError:
+        raise
     except ValueError as exc:
         model_type = _raw_model_type(model_dir)
         if "trust_remote_code" in str(exc):
@@ -169,18 +256,57 @@ def load_config(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
                 model_type, "its code lives in the model repository, and remote code is not run unless asked",
                 hint="pass --trust-remote-code if you trust this model's code",
             ) from None
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type in CONFIG_MAPPING:  # a known type whose config class refused a value
+            raise _unreadable_config(model_dir, exc) from None
         raise UnsupportedArchitectureError(
-            model_type, f"transformers does not know it ({str(exc).splitlines()[0]})",
+            model_type, f"transformers does not know it ({_first_line(exc)})",
             hint="upgrade transformers, or pass --trust-remote-code for a model that ships its own code",
         ) from None
     except OSError as exc:
-        raise CheckpointError(str(model_dir), f"config.json cannot be read ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(str(model_dir), f"config.json cannot be read ({_first_line(exc)})") from None
+    except Exception as exc:  # a config class choking on a malformed value: bad input, not a bug here
+        raise _unreadable_config(model_dir, exc) from None
+
+
+def layer_count(config: Any) -> int:
+    """The layer count of a loaded config (of its text config for multimodal models).
+
+    Args:
+        config: from :func:`load_config`.
+
+    Returns:
+        ``num_hidden_layers``, a whole number from 1 to :data:`~surgery.plan.MAX_POSITIONS`.
+
+    Raises:
+        UnsupportedArchitectureError: the config has no such layer count.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text_config, "num_hidden_layers", None)
+    if not is_count(count) or not 1 <= count <= MAX_POSITIONS:
+        raise UnsupportedArchitectureError(
+            str(getattr(text_config, "model_type", None) or "unknown"),
+            f"its config has no layer count (num_hidden_layers is {count!r})",
+        )
+    return int(count)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _unreadable_config(model_dir: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        str(model_dir / "config.json"), f"transformers cannot read this config ({type(exc).__name__}: {_first_line(exc)})"
+    )
 
 
 def _raw_model_type(model_dir: Path) -> str:
     try:
-        return str(json.loads((model_dir / "config.json").read_text()).get("model_type", "unknown"))
-    except (OSError, json.JSONDecodeError, AttributeError):
+        return str(read_json_object(model_dir / "config.json", "config").get("model_type", "unknown"))
+    except CheckpointError:
         return "unknown"
 
 
@@ -194,7 +320,13 @@ def _build_on_meta(config: Any, *, trust_remote_code: bool) -> Any:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if model_class is not None:
-            return model_class(config)
+            try:
+                return model_class(config)
+            except Exception as exc:  # a config the class cannot build from: bad input, one line
+                raise UnsupportedArchitectureError(
+                    str(getattr(config, "model_type", "unknown")),
+                    f"{name} cannot be built from this config.json ({type(exc).__name__}: {_first_line(exc)})",
+                ) from None
         auto_map = getattr(config, "auto_map", None) or {}
         for auto in ("AutoModelForCausalLM", "AutoModel"):
             if auto in auto_map and not trust_remote_code:
@@ -313,11 +445,17 @@ def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: b
             hint="rewrite its source instead: surgery apply SOURCE OUT --recipe THIS_DIR (its surgery-recipe.yaml)",
         )
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = read_config(model_dir)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     scope: tuple[str, ...] = ()
     if text_config is not config:
-        scope = next((k,) for k in ("text_config", "language_config", "llm_config") if isinstance(raw.get(k), dict))
+        key = next((k for k in ("text_config", "language_config", "llm_config") if isinstance(raw.get(k), dict)), None)
+        if key is None:
+            raise UnsupportedArchitectureError(
+                str(getattr(text_config, "model_type", None) or raw.get("model_type", "unknown")),
+                "its config.json has no nested text config (text_config) holding the layer stack",
+            )
+        scope = (key,)
     num_layers = getattr(text_config, "num_hidden_layers", None)
     model_type = str(getattr(text_config, "model_type", None) or raw.get("model_type", "unknown"))
     if not isinstance(num_layers, int) or num_layers < 1:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from surgery.checkpoint import NotRegularFileError, open_regular
 from surgery.errors import DataError
 
 if TYPE_CHECKING:  # imported where windows are made, so that importing surgery stays fast
@@ -32,6 +33,8 @@ DEFAULT_CORPUS_NAME = "Hamlet by William Shakespeare (public domain; text from t
 # Fewer tokens than this cannot give a meaningful perplexity or agreement.
 MIN_TOKENS = 16
 TEXT_FIELD = "text"
+# The largest --data file read (1 GiB): a text set to measure on is a sample, never a whole dump.
+MAX_DATA_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ def default_text() -> str:
 def read_texts(data: str | os.PathLike[str] | None, *, text_field: str = TEXT_FIELD) -> TextSet:
     """The documents of ``data``: a ``.txt`` file, a ``.jsonl`` file, or None for the default corpus.
 
+    The file must be a regular file (a directory, FIFO or device such as ``/dev/zero`` is refused
+    without reading from it) of at most :data:`MAX_DATA_BYTES`, in UTF-8.
+
     Args:
         data: the file, or None.
         text_field: the field holding the text in each JSON line.
@@ -105,8 +111,9 @@ def read_texts(data: str | os.PathLike[str] | None, *, text_field: str = TEXT_FI
         The :class:`TextSet`.
 
     Raises:
-        DataError: unreadable file, no text in it, or a JSON line that is not an object with
-            a string ``text_field``.
+        DataError: unreadable or not a regular file, over :data:`MAX_DATA_BYTES`, not UTF-8 (the
+            line is named), no text in it, or a JSON line that is not an object with a string
+            ``text_field`` (the line is named).
 
     Example:
         >>> read_texts(None).name.startswith("Hamlet")
@@ -116,15 +123,26 @@ def read_texts(data: str | os.PathLike[str] | None, *, text_field: str = TEXT_FI
         return TextSet(DEFAULT_CORPUS_NAME, (default_text(),))
     path = Path(data)
     try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(str(path), "is not UTF-8 text") from None
+        handle, size = open_regular(path)
+        with handle:
+            if size > MAX_DATA_BYTES:
+                raise DataError(str(path), f"is {size:,} bytes; at most {MAX_DATA_BYTES:,} are read", hint="pass a smaller sample")
+            raw = handle.read(MAX_DATA_BYTES + 1)
+    except NotRegularFileError as exc:
+        raise DataError(str(path), f"cannot be read ({exc.strerror})", hint="pass a .txt or .jsonl file") from None
     except OSError as exc:
         raise DataError(str(path), f"cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_DATA_BYTES:  # the file grew while it was read
+        raise DataError(str(path), f"is over {MAX_DATA_BYTES:,} bytes", hint="pass a smaller sample")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(str(path), f"is not UTF-8 text (line {line})") from None
     if path.suffix.lower() == ".jsonl":
-        documents = tuple(_json_lines(raw, str(path), text_field))
+        documents = tuple(_json_lines(text, str(path), text_field))
     else:
-        documents = (raw,)
+        documents = (text,)
     if not any(doc.strip() for doc in documents):
         raise DataError(str(path), "holds no text", hint="give a .txt file, or .jsonl lines with a 'text' field")
     return TextSet(str(path), tuple(doc for doc in documents if doc.strip()))
@@ -132,18 +150,31 @@ def read_texts(data: str | os.PathLike[str] | None, *, text_field: str = TEXT_FI
 
 def _json_lines(raw: str, origin: str, text_field: str) -> list[str]:
     documents = []
-    for number, line in enumerate(raw.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split inside a JSON string at U+2028 and friends.
+    for number, line in enumerate(raw.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(origin, f"line {number} is not JSON ({exc.msg})") from None
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
+        except RecursionError:
+            raise DataError(origin, f"line {number} is not a JSON object (nested too deeply)") from None
+        if not isinstance(record, dict):
+            raise DataError(origin, f"line {number} is {_json_kind(record)}, not a JSON object with a {text_field!r} field")
+        if text_field not in record:
             raise DataError(origin, f"line {number} has no string field {text_field!r}")
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise DataError(origin, f"line {number} has no string field {text_field!r} (it is {_json_kind(value)})")
         documents.append(value)
     return documents
+
+
+def _json_kind(value: object) -> str:
+    kinds = ((type(None), "null"), (bool, "a boolean"), (int, "a number"), (float, "a number"),
+             (str, "a string"), (list, "a list"), (dict, "an object"))
+    return next(name for cls, name in kinds if isinstance(value, cls))
 
 
 def token_windows(

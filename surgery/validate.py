@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-from surgery.architecture import load_config
+from surgery.architecture import layer_count, load_config
 from surgery.compat import output_cache, with_cache
 from surgery.corpus import TextSet, read_texts, token_windows
 from surgery.errors import (
@@ -261,12 +261,18 @@ def _is_causal(model: Any) -> bool:
 def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any | None:
     from transformers import AutoTokenizer
 
+    from surgery.checkpoint import check_tokenizer_files, tokenizer_error
+
+    check_tokenizer_files(path)  # a malformed tokenizer file is a one-line error naming it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+    except Exception as exc:  # no tokenizer files: None; present but unloadable: a typed error naming the file
+        error = tokenizer_error(path, exc)
+        if error is None:
+            return None
+        raise error from None
 
 
 def input_device(model: Any) -> torch.device:
@@ -821,9 +827,7 @@ def format_metric(value: float) -> str:
 
 def num_layers_of(model_dir: Path, settings: Settings) -> int:
     """The layer count in a checkpoint directory's config (its text config for multimodal models)."""
-    config = load_config(model_dir, trust_remote_code=settings.trust_remote_code)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_config.num_hidden_layers)
+    return layer_count(load_config(model_dir, trust_remote_code=settings.trust_remote_code))
 
 
 def resolve_plan(plan: str | Plan | None, recipe: PathLike | Recipe | None, num_layers: int) -> Plan | None:
