@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from surgery.engine import _count, _human  # one formatting of counts and sizes for the summary and the card
 from surgery.errors import ModelCardError
+from surgery.modeling_wide import shipped_code_line
 from surgery.plan import RECIPE_FILENAME, format_ranges
 
 if TYPE_CHECKING:
@@ -229,7 +230,11 @@ def load_snippet(directory: Path, model_id: str) -> str:
     if remote:
         lines += ["", "This model's blocks are defined by code shipped in the repository (`auto_map` in `config.json`), "
                   "hence `trust_remote_code=True`: read that code before running it."]
+    tested = shipped_code_line(config)
+    if tested:
+        lines += ["", tested]
     return "\n".join(lines)
+
 
 
 def _section(markers: tuple[str, str], body: str) -> str:

@@ -17,7 +17,7 @@ Example:
 from typing import Any
 
 from surgery.analyze import AnalysisReport, analyze
-from surgery.api import ModelInfo, Options, apply, inspect, parallel, prune, reorder, repeat
+from surgery.api import ModelInfo, Options, apply, inspect, parallel, prune, reorder, repeat, update_code
 from surgery.engine import SurgeryResult
 from surgery.errors import SurgeryError
 from surgery.plan import Plan, Recipe, WriteOptions
@@ -26,7 +26,7 @@ from surgery.validate import MeasureOptions, ValidationReport, validate
 
 __all__ = [
     "ModelInfo", "Options", "Plan", "Recipe", "SurgeryError", "SurgeryResult", "WriteOptions",
-    "apply", "inspect", "parallel", "prune", "reorder", "repeat",
+    "apply", "inspect", "parallel", "prune", "reorder", "repeat", "update_code",
     "PushResult", "push",
     "Generation", "OnnxExportResult", "export_onnx", "generate", "validate_onnx",
     "AnalysisReport", "MeasureOptions", "SweepReport", "ValidationReport", "analyze", "plan_view", "sweep", "validate",

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 from surgery.architecture import detect, layer_count, load_config
-from surgery.checkpoint import read_tensor_index
+from surgery.checkpoint import read_json_object, read_tensor_index
 from surgery.engine import SurgeryResult, _human, _tensor_names, execute
-from surgery.errors import OptionError
-from surgery.plan import Plan, Recipe, WriteOptions, parse_size
+from surgery.errors import CheckpointError, OptionError
+from surgery.modeling_wide import CodeStatus, code_status
+from surgery.plan import Plan, Recipe, WriteOptions, format_ranges, parse_size
 from surgery.source import Source, open_source
+from surgery.widen import CodeUpdate, update_modeling_code
 
 PathLike = str | os.PathLike[str]
 
@@ -262,6 +264,7 @@ class ModelInfo:
     other_params: int
     other_bytes: int
     shards: list[tuple[str, int]]
+    shipped_code: CodeStatus | None = None  # wide-block outputs: the modelling code they carry
 
     @property
     def total_params(self) -> int:
@@ -275,6 +278,8 @@ class ModelInfo:
             f"layers: {self.num_layers} under '{self.layer_prefix}.N' (config field '{self.count_key}')",
             f"parameters: {self.total_params:,} ({self.other_params:,} outside the layers)",
         ]
+        if self.shipped_code is not None:
+            lines.append(self.shipped_code.describe())
         fields = sorted({k for layer in self.layers for k in layer.config})
         lines.append(" ".join(["layer", "params".rjust(12), "bytes".rjust(10), *fields]))
         for layer in self.layers:
@@ -305,6 +310,9 @@ def inspect(model: PathLike | None, *, allow_pickle: bool = False, trust_remote_
     if weight_map is not None:
         source.fetch(sorted(set(weight_map.values())))
     tensors = read_tensor_index(source.path)
+    shipped = code_status(source.path)
+    if shipped is not None:  # a wide-block output: its layer stack is read from its plan, not detected
+        return _inspect_wide(source, tensors, shipped)
     arch = detect(source.path, names, trust_remote_code=trust_remote_code)
     params = [0] * arch.num_layers
     sizes = [0] * arch.num_layers
@@ -329,6 +337,69 @@ def inspect(model: PathLike | None, *, allow_pickle: bool = False, trust_remote_
         layer_prefix=arch.layer_prefix, count_key=arch.count_key, layers=layers,
         other_params=other_params, other_bytes=other_bytes, shards=sorted(shards.items()),
     )
+
+
+WIDE_LAYER_PREFIX = "model.layers"  # where surgery.widen stores the positions of a wide-block output
+
+
+def _inspect_wide(source: Source, tensors: dict[str, Any], shipped: CodeStatus) -> ModelInfo:
+    """:func:`inspect` of a wide-block output, from its config's ``surgery_steps`` (no code from it runs)."""
+    config = read_json_object(source.path / "config.json", "config")
+    steps = config.get("surgery_steps")
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("sources"), list) for s in steps):
+        raise CheckpointError(str(source.path / "config.json"), "'surgery_steps' is not a list of steps with 'sources'")
+    positions: list[dict[str, Any]] = []
+    for step in steps:
+        loop = step.get("loop", 1)
+        for application in range(loop if isinstance(loop, int) and loop > 0 else 1):
+            positions.append({"sources": format_ranges(list(step["sources"])), "application": application + 1,
+                              "mlp_input": step.get("mlp_input", "-")})
+    params, sizes = [0] * len(positions), [0] * len(positions)
+    other_params = other_bytes = 0
+    shards: dict[str, int] = {}
+    for entry in tensors.values():
+        shards[entry.file.name] = max(shards.get(entry.file.name, 0), entry.file.stat().st_size)
+        parts = entry.name.split(".")
+        index = parts[2] if entry.name.startswith(WIDE_LAYER_PREFIX + ".") and len(parts) > 2 else ""
+        if index.isdigit() and int(index) < len(positions):
+            params[int(index)] += entry.numel
+            sizes[int(index)] += entry.nbytes
+        else:
+            other_params += entry.numel
+            other_bytes += entry.nbytes
+    layers = [LayerInfo(i, params[i], sizes[i], positions[i]) for i in range(len(positions))]
+    architectures = config.get("architectures")
+    return ModelInfo(
+        source=source.name,
+        class_name=str(architectures[0]) if isinstance(architectures, list) and architectures else "ParallelForCausalLM",
+        model_type=f"surgery_parallel over {config.get('surgery_base_model_type')}",
+        num_layers=len(positions), layer_prefix=WIDE_LAYER_PREFIX, count_key="num_hidden_layers", layers=layers,
+        other_params=other_params, other_bytes=other_bytes, shards=sorted(shards.items()), shipped_code=shipped,
+    )
+
+
+def update_code(out: PathLike) -> CodeUpdate:
+    """Re-ship this installation's modelling code into a wide-block output written by an earlier version.
+
+    The weights are not touched: only the shipped ``.py`` files, the code revision and tested
+    transformers range in ``config.json``, and the card's sentence about them are rewritten (each
+    atomically). Run it when ``inspect`` or ``validate`` warns that an output's code is outdated.
+
+    Args:
+        out: a model directory written by ``surgery parallel`` (any version).
+
+    Returns:
+        The :class:`~surgery.widen.CodeUpdate` (files rewritten; none when already current).
+
+    Raises:
+        NotWideBlockError: ``out`` is not a wide-block output.
+
+    Example:
+        >>> from surgery import update_code
+        >>> print(update_code("out/smol-par").summary())  # doctest: +SKIP
+        out/smol-par: shipped modelling code is already current (revision 2)
+    """
+    return update_modeling_code(Path(out))
 
 
 def parallel(

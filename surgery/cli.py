@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from surgery import api
 from surgery.engine import SurgeryResult
 from surgery.errors import OptionError, SurgeryError
+from surgery.modeling_wide import CODE_REVISION
 from surgery.redact import redacted_output
 
 if TYPE_CHECKING:  # the measuring modules import torch: only when a measuring verb runs
@@ -135,6 +136,13 @@ def _cmd_apply(args: argparse.Namespace) -> None:
     _report(api.apply(model, out, args.layers, recipe=args.recipe, **_options(args)), args.json)
 
 
+def _cmd_update_code(args: argparse.Namespace) -> None:
+    update = api.update_code(args.out)
+    print(json.dumps({"directory": str(update.directory), "old_revision": update.old_revision,
+                      "new_revision": update.new_revision, "rewritten": list(update.rewritten)}, indent=2)
+          if args.json else update.summary())
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
     info = api.inspect(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.json:
@@ -144,10 +152,16 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
             "total_params": info.total_params, "other_params": info.other_params,
             "layers": [vars(layer) for layer in info.layers],
             "shards": [{"file": n, "bytes": b} for n, b in info.shards],
+            "shipped_code": None if info.shipped_code is None else {
+                **vars(info.shipped_code), "missing": list(info.shipped_code.missing),
+                "this_installation_revision": CODE_REVISION},
         }
         print(json.dumps(body, indent=2))
     else:
         print(info.format())
+    warning = info.shipped_code.warning(info.source) if info.shipped_code is not None else None
+    if warning:
+        sys.stderr.write(f"surgery: warning: {warning}\n")
 
 
 def _cmd_push(args: argparse.Namespace) -> None:
@@ -315,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = verb("inspect", _cmd_inspect, "show architecture, layers, per-layer config, sizes and shards")
     ins.add_argument("model", nargs="?", metavar="MODEL", help="default: the embedded SmolLM2-135M")
+
+    upd = verb("update-code", _cmd_update_code,
+               "re-ship the current modelling code into a wide-block output (weights untouched)")
+    upd.add_argument("out", metavar="OUT", help="an output directory written by surgery parallel")
 
     pus = verb("push", _cmd_push, "upload an output directory, with its model card, to the Hugging Face Hub (one commit)")
     pus.add_argument("out", metavar="OUT", help="an output directory written by surgery")

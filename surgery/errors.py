@@ -182,6 +182,18 @@ class NotAModelDirectoryError(SurgeryError, FileNotFoundError):
         super().__init__(f"{path} is not a model directory: {reason}", hint="push the OUT directory a surgery wrote")
 
 
+class NotWideBlockError(SurgeryError, ValueError):
+    """A directory that is not a wide-block output of this tool (``surgery update-code`` needs one)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"{path} is not a wide-block output of layer-surgery: {reason}",
+            hint="update-code re-ships the modelling code of outputs written by `surgery parallel`",
+        )
+
+
 class ModelCardError(SurgeryError, ValueError):
     """A model card (README.md) that is missing or does not parse, or a validation report of the wrong shape."""
 

@@ -34,6 +34,7 @@ from surgery.errors import (
     TokenizerMismatchError,
     UnsupportedArchitectureError,
 )
+from surgery.modeling_wide import code_status
 from surgery.plan import RECIPE_FILENAME, Plan, Recipe
 from surgery.source import open_source
 
@@ -221,6 +222,10 @@ def load_model(model: PathLike | None, settings: Settings) -> LoadedModel:
     source = open_source(model, allow_pickle=settings.allow_pickle, quiet=settings.quiet)
     config = load_config(source.path, trust_remote_code=settings.trust_remote_code)
     source.fetch(source.pending_files)
+    status = code_status(source.path)
+    warning = status.warning(source.name) if status is not None else None
+    if warning:  # outdated code shipped in a wide-block output can compute wrong results: say so before measuring
+        sys.stderr.write(f"surgery: warning: {warning}\n")
     name = (getattr(config, "architectures", None) or [None])[0]
     model_class = getattr(transformers, name, None) if name else None
     dtype = "auto" if settings.dtype == "auto" else getattr(torch, DTYPES[settings.dtype])

@@ -63,8 +63,18 @@ from surgery.engine import (
     plan_output,
     write_output,
 )
-from surgery.errors import CheckpointError, ParallelMergeError, PlanError
-from surgery.modeling_wide import BASE_LINE, SHIPPED_FILES, TEMPLATE_DIR
+from surgery.errors import CheckpointError, NotWideBlockError, ParallelMergeError, PlanError
+from surgery.modeling_wide import (
+    BASE_KEY,
+    CODE_REVISION,
+    REVISION_KEY,
+    SHIPPED_FILES,
+    TESTED_KEY,
+    TESTED_TRANSFORMERS,
+    code_status,
+    render,
+    shipped_code_line,
+)
 from surgery.plan import ParallelGroup, Plan, Recipe
 from surgery.source import Source
 
@@ -480,7 +490,9 @@ def parallel_config(raw: dict[str, Any], architecture: Architecture, recipe: Rec
     new["model_type"] = MODEL_TYPE
     new["architectures"] = ["ParallelForCausalLM"]
     new["auto_map"] = dict(AUTO_MAP)
-    new["surgery_base_model_type"] = architecture.model_type
+    new[BASE_KEY] = architecture.model_type
+    new[REVISION_KEY] = CODE_REVISION
+    new[TESTED_KEY] = TESTED_TRANSFORMERS
     new["surgery_plan"] = str(plan)
     new["surgery_steps"] = [
         {"sources": list(s.layers), "loop": s.loop, "mlp_input": s.mlp_input} if isinstance(s, ParallelGroup) else {"sources": [s]}
@@ -506,16 +518,14 @@ def ship_modeling_code(directory: Path, base_model_type: str) -> list[Path]:
         >>> [p.name for p in ship_modeling_code(tmp, "llama")]  # doctest: +SKIP
         ['configuration_surgery_parallel.py', 'modeling_surgery_parallel.py']
     """
+    try:
+        texts = render(base_model_type)
+    except ValueError as exc:
+        raise ParallelMergeError(
+            base_model_type, str(exc), hint="reinstall layer-surgery (its package files were modified)"
+        ) from None
     written = []
-    for name in SHIPPED_FILES:
-        text = (TEMPLATE_DIR / name).read_text(encoding="utf-8")
-        if name.startswith("configuration_"):
-            if text.count(BASE_LINE) != 1:
-                raise ParallelMergeError(
-                    base_model_type, f"the shipped modelling template {name} lost its line {BASE_LINE!r}",
-                    hint="reinstall layer-surgery (its package files were modified)",
-                )
-            text = text.replace(BASE_LINE, f"BASE_MODEL_TYPE = {json.dumps(base_model_type)}")
+    for name, text in texts.items():
         (directory / name).write_text(text, encoding="utf-8")
         written.append(directory / name)
     return written
@@ -579,3 +589,98 @@ def execute_parallel(
         skip_files=frozenset(SHIPPED_FILES),
     )
     return result
+
+
+@dataclass(frozen=True)
+class CodeUpdate:
+    """What :func:`update_modeling_code` did to a wide-block output.
+
+    Attributes:
+        directory: the output.
+        old_revision: the revision its code had.
+        new_revision: the revision it has now (this installation's).
+        rewritten: the files replaced (empty when the output was already current).
+    """
+
+    directory: Path
+    old_revision: int
+    new_revision: int
+    rewritten: tuple[str, ...]
+
+    def summary(self) -> str:
+        """The line ``surgery update-code`` prints."""
+        if not self.rewritten:
+            return f"{self.directory}: shipped modelling code is already current (revision {self.new_revision})"
+        return (f"{self.directory}: shipped modelling code revision {self.old_revision} -> {self.new_revision} "
+                f"(rewrote {', '.join(self.rewritten)}; weights untouched)")
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    temporary = path.with_name(f".{path.name}.surgery-{os.getpid()}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def update_modeling_code(directory: Path) -> CodeUpdate:
+    """Re-ship this installation's modelling code into a wide-block output; weights are not touched.
+
+    Rewrites the shipped ``.py`` files, the revision and tested range in ``config.json``, and the
+    card's sentence about them, each through a temporary file and an atomic rename.
+
+    Args:
+        directory: a model directory written by ``surgery parallel``.
+
+    Returns:
+        The :class:`CodeUpdate`.
+
+    Raises:
+        NotWideBlockError: ``directory`` has no config.json, or it is not a wide-block output.
+
+    Example:
+        >>> print(update_modeling_code(Path("out/smol-par")).summary())  # doctest: +SKIP
+        out/smol-par: shipped modelling code revision 1 -> 2 (rewrote ...; weights untouched)
+    """
+
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise NotWideBlockError(str(directory), "it has no config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotWideBlockError(str(directory), f"config.json is not valid JSON ({exc})") from None
+    status = code_status(directory, config) if isinstance(config, dict) else None
+    if status is None:
+        raise NotWideBlockError(str(directory), f"config.json has no string {BASE_KEY!r}")
+    base = config[BASE_KEY]
+    up_to_date = (status.current and config.get(REVISION_KEY) == CODE_REVISION
+                  and config.get(TESTED_KEY) == TESTED_TRANSFORMERS)
+    if up_to_date:
+        return CodeUpdate(directory, status.revision, CODE_REVISION, ())
+    try:
+        texts = render(base)
+    except ValueError as exc:
+        raise ParallelMergeError(base, str(exc), hint="reinstall layer-surgery (its package files were modified)") from None
+    rewritten = []
+    for name, text in texts.items():
+        _replace_text(directory / name, text)
+        rewritten.append(name)
+    old_line = shipped_code_line(config)
+    config[REVISION_KEY] = CODE_REVISION
+    config[TESTED_KEY] = TESTED_TRANSFORMERS
+    _replace_text(config_path, json.dumps(config, indent=2) + "\n")
+    rewritten.append("config.json")
+    card = directory / "README.md"
+    new_line = shipped_code_line(config)
+    if card.is_file() and new_line:
+        text = card.read_text(encoding="utf-8")
+        if old_line and old_line in text:
+            _replace_text(card, text.replace(old_line, new_line))
+            rewritten.append("README.md")
+    return CodeUpdate(directory, status.revision, CODE_REVISION, tuple(rewritten))

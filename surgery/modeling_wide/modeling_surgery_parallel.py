@@ -67,6 +67,19 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
+def attention_function(implementation: Any) -> Any:
+    """The attention kernel for ``config._attn_implementation``, looked up as the installed transformers does.
+
+    ``AttentionInterface.get_interface`` (later 5.x) falls back to eager for unknown names; before it,
+    the base layers used eager for ``"eager"`` and indexed the registry otherwise.
+    """
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    if implementation in (None, "eager"):
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
 def pop_cache(kwargs: dict[str, Any]) -> Any:
     """Take the KV cache out of a layer's keyword arguments, under whichever name the caller used."""
     given = [name for name in _CACHE_NAMES if kwargs.get(name) is not None]
@@ -207,7 +220,7 @@ class ParallelAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx if cache_slot is None else cache_slot)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention_interface = attention_function(self.config._attn_implementation)
         extra: dict[str, Any] = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
         if self.softcap is not None:
             extra["softcap"] = self.softcap
