@@ -31,6 +31,7 @@ from surgery.errors import (
     CheckpointError,
     OptionError,
     PlanError,
+    SurgeryError,
     TokenizerMismatchError,
     UnsupportedArchitectureError,
 )
@@ -84,12 +85,21 @@ class MeasureOptions(TypedDict, total=False):
     trust_remote_code: bool
 
 
+# Upper bounds of the counting options: far above any real measurement, low enough that an absurd
+# value (10**12) is refused before it sizes an allocation.
+OPTION_MAXIMUM = {"batch_size": 65_536, "max_tokens": 1_000_000_000, "seq_len": 1_048_576,
+                  "prompts": 1_000_000, "new_tokens": 1_000_000}
+
+
 def _whole(options: MeasureOptions, key: str, default: int, minimum: int) -> int:
     value = options.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{key.replace('_', '-')} must be a whole number of at least {minimum}, got {value!r}")
+    maximum = OPTION_MAXIMUM[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise OptionError(
+            f"{key.replace('_', '-')} must be a whole number from {minimum} to {maximum:,}, got {value!r}"
+        )
     return value
 
 
@@ -246,8 +256,13 @@ def load_model(model: PathLike | None, settings: Settings) -> LoadedModel:
                 loaded = model_class.from_pretrained(
                     str(source.path), dtype=dtype, trust_remote_code=settings.trust_remote_code, **placement
                 )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(str(source.path), f"cannot be loaded by transformers ({str(exc).splitlines()[0]})") from None
+    except SurgeryError:
+        raise
+    except Exception as exc:  # transformers raises many kinds on a malformed checkpoint; --debug shows the chain
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(
+            str(source.path), f"cannot be loaded by transformers ({type(exc).__name__}: {first})"
+        ) from exc
     if device is not None:
         loaded = loaded.to(device)
     loaded.eval()

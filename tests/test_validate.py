@@ -291,7 +291,10 @@ def bad_inputs(readable_tiny: Callable[..., Path], tmp_path: Path) -> dict[str, 
         "bar out of range": ([llama, "--plan", "0-2", "--min-top1", "80"], "between 0 and 1"),
         "bar of an encoder": ([str(readable_tiny("bert")), "--plan", "0-2", "--max-kl", "0.5"], "does not apply"),
         "no NEW and no plan": ([llama], "expected ORIGINAL NEW"),
-        "bad batch size": ([llama, "--plan", "0-2", "--batch-size", "0"], "batch-size must be a whole number of at least 1"),
+        "bad batch size": ([llama, "--plan", "0-2", "--batch-size", "0"], "batch-size must be a whole number from 1 to 65,536"),
+        "absurd batch size": ([llama, "--plan", "0-2", "--batch-size", str(10**12)], "batch-size must be a whole number"),
+        "absurd sequence": ([llama, "--plan", "0-2", "--seq-len", str(10**12)], "seq-len must be a whole number"),
+        "absurd new tokens": ([llama, "--plan", "0-2", "--new-tokens", str(10**12)], "new-tokens must be a whole number"),
     }
 
 
