@@ -1,6 +1,8 @@
 """Push an output directory to the Hugging Face Hub, with its model card, in one commit.
 
-Everything goes through ``huggingface_hub``: ``create_repo(exist_ok=True)`` then ``upload_folder``.
+Everything goes through ``huggingface_hub``: ``create_repo(exist_ok=True)`` then ``create_commit``
+with one ``CommitOperationAdd`` per file of :func:`upload_files` (never ``upload_folder``, which walks
+the directory itself and follows symlinks).
 The token comes from ``token=``/``--token``, else ``HF_TOKEN``, else the stored login
 (``hf auth login``); it is only ever handed to ``huggingface_hub`` and never printed, logged or
 written. ``HF_ENDPOINT`` is read at call time, so a private Hub deployment works even when the
@@ -34,6 +36,7 @@ from surgery.errors import (
 )
 from surgery.plan import RECIPE_FILENAME, Recipe
 from surgery.redact import redact
+from surgery.source import safe_files
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -136,13 +139,30 @@ class PushResult:
 
 
 def upload_files(out: Path) -> list[tuple[str, int]]:
-    """The files ``upload_folder`` sends from ``out`` (its default ignore rules), with sizes."""
+    """The files a push sends from ``out``, with sizes: exactly these are uploaded, and listed by ``--dry-run``.
+
+    The same rule as the files copied from a model directory (:func:`surgery.source.safe_files`):
+    regular files inside ``out``, hidden ones left out; a symlink leading outside it (to
+    ``~/.ssh/id_rsa``, say), a symlinked directory, a FIFO, socket or device is skipped with a
+    ``surgery: warning: skipped ...`` line and never opened. ``huggingface_hub``'s default ignore
+    patterns (``.git``, ``.cache/huggingface``) apply on top.
+    """
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
-    found = {p.relative_to(out).as_posix(): p for p in sorted(out.glob("**/*")) if p.is_file()}
+    found = {p.relative_to(out).as_posix(): p for p in safe_files(out)}
     kept = filter_repo_objects(found, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS))
     return [(name, found[name].stat().st_size) for name in kept]
+
+
+def _check_sent_files(out: Path, files: list[tuple[str, int]]) -> None:
+    """The card and config are read before the push: refuse them when they are not among the files
+    sent (a symlink leading out, a FIFO), so nothing outside ``out`` is read and nothing blocks."""
+    names = {name for name, _ in files}
+    if CARD_FILENAME not in names and os.path.lexists(out / CARD_FILENAME):
+        raise ModelCardError(str(out / CARD_FILENAME), "is not a regular file inside the directory")
+    if "config.json" not in names:
+        raise NotAModelDirectoryError(str(out), "its config.json is not a regular file inside it")
 
 
 def _check_model_dir(out: Path) -> None:
@@ -156,8 +176,10 @@ def _check_model_dir(out: Path) -> None:
         raise NotAModelDirectoryError(str(out), "it has no .safetensors weights")
 
 
-def _commit_message(out: Path) -> str:
+def _commit_message(out: Path, names: set[str]) -> str:
     try:
+        if RECIPE_FILENAME not in names:  # skipped as unsafe (or absent): never read
+            raise FileNotFoundError(RECIPE_FILENAME)
         recipe = Recipe.load(out / RECIPE_FILENAME)
     except Exception:  # no recipe (or an unreadable one): a generic message; the card still says it all
         return "Upload model written by layer-surgery"
@@ -254,9 +276,10 @@ def push(
 
     The repository is created when missing (``create_repo(exist_ok=True)``), the card is checked
     with ``huggingface_hub.ModelCard`` and its loading snippet pointed at the repo before anything
-    is sent, then ``upload_folder`` uploads the directory. Running the same push again after an
-    interruption sends only the files the Hub does not have yet; pushing unchanged files makes no
-    new commit.
+    is sent, then ``create_commit`` uploads exactly the files of :func:`upload_files` (files
+    skipped there, such as symlinks leading outside ``out`` or FIFOs, are never read). Running the
+    same push again after an interruption sends only the files the Hub does not have yet; pushing
+    unchanged files makes no new commit.
 
     Args:
         out: a model directory written by surgery (``config.json``, safetensors, ``README.md``).
@@ -286,15 +309,17 @@ def push(
         >>> surgery.push("out/smol-19", "my-org/smol-19", private=True)  # doctest: +SKIP
         PushResult(repo_id='my-org/smol-19', revision='main', ...)
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     check_repo_id(repo_id)
     out = Path(out)
     _check_model_dir(out)
+    files = upload_files(out)  # warns once about each file skipped
+    _check_sent_files(out, files)
     validate_card(out / CARD_FILENAME)
     branch = revision or "main"
     if dry_run:
-        return PushResult(repo_id=repo_id, revision=branch, files=upload_files(out), private=private, dry_run=True)
+        return PushResult(repo_id=repo_id, revision=branch, files=files, private=private, dry_run=True)
 
     token = token or get_token()
     if not token:
@@ -316,11 +341,13 @@ def push(
                                    hint="push to a new repo id, or make the repository private on the Hub first")
             set_card_repo_id(out, full_id)
             validate_card(out / CARD_FILENAME)
-            files = upload_files(out)
+            files = [(name, (out / name).stat().st_size) for name, _ in files]  # the card's new size
             logger.info("pushing %d files to %s (branch %s)", len(files), full_id, branch)
-            commit = cast("CommitInfo", api.upload_folder(
-                repo_id=full_id, folder_path=out, revision=revision,
-                commit_message=commit_message or _commit_message(out),
+            # Exactly the checked files, one commit (upload_folder would walk OUT again, following symlinks).
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=out / name) for name, _ in files]
+            commit = cast("CommitInfo", api.create_commit(
+                repo_id=full_id, operations=operations, revision=revision,
+                commit_message=commit_message or _commit_message(out, {name for name, _ in files}),
             ))
     except (HubAuthError, HubRevisionError, ModelCardError):
         raise

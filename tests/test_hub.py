@@ -161,6 +161,46 @@ def test_dry_run_lists_files_with_sizes_and_sends_nothing(tiny_out: Path, hub: F
     assert hub.requests == [] and "tester/never" not in hub.repos
 
 
+def test_push_sends_only_regular_files_inside_out(tiny_out: Path, hub: FakeHub, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Symlinks leading outside OUT (a private key, /etc/passwd, a directory), FIFOs and sockets are
+    skipped with a warning, by the --dry-run listing and by the upload alike; nothing outside OUT is sent."""
+    import socket
+
+    outside = tmp_path / "home"
+    (outside / ".ssh").mkdir(parents=True)
+    (outside / ".ssh" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY----- s3cret")
+    (outside / "photos").mkdir()
+    (outside / "photos" / "me.jpg").write_text("private photo")
+    (tiny_out / "id_rsa").symlink_to(outside / ".ssh" / "id_rsa")
+    (tiny_out / "passwd").symlink_to("/etc/passwd")
+    (tiny_out / "photos").symlink_to(outside / "photos")
+    os.mkfifo(tiny_out / "pipe.bin")  # opening it would block the push forever
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tiny_out / "agent.sock"))
+    (tiny_out / "alias.json").symlink_to("config.json")  # inside OUT: sent as the file it names
+    (tiny_out / "docs").mkdir()
+    (tiny_out / "docs" / "notes.md").write_text("notes")
+    skipped = ["id_rsa", "passwd", "photos", "pipe.bin", "agent.sock"]
+    expected = {name for name in _tree(tiny_out) if name.split("/")[0] not in skipped} | {"alias.json"}
+    try:
+        assert main(["push", str(tiny_out), "tester/never", "--dry-run", "--json"]) == 0
+        captured = capsys.readouterr()
+        assert {f["file"] for f in json.loads(captured.out)["files"]} == expected
+        warnings = [line for line in captured.err.splitlines() if line.startswith("surgery: warning: skipped")]
+        assert sorted(w.split(": ")[2].rsplit("/", 1)[1] for w in warnings) == sorted(skipped), captured.err
+
+        result = surgery.push(tiny_out, "tester/only-ours", token=TOKEN, quiet=True)
+    finally:
+        listener.close()
+    assert {name for name, _ in result.files} == expected
+    remote = hub.files("tester/only-ours")
+    assert set(remote) == expected | {".gitattributes"}
+    assert hub.content(remote["alias.json"]) == (tiny_out / "config.json").read_bytes()
+    assert not [name for name, entry in remote.items() if b"s3cret" in hub.content(entry) or b"root:" in hub.content(entry)]
+    assert len([line for line in capsys.readouterr().err.splitlines() if "warning: skipped" in line]) == len(skipped)
+
+
 def test_an_interrupted_push_completes_on_rerun_without_resending(tiny_out: Path, hub: FakeHub,
                                                                  tmp_path: Path) -> None:
     shards = sorted(tiny_out.glob("*.safetensors"))
