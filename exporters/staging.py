@@ -11,6 +11,10 @@ An interrupted or failed run therefore never leaves a half-written output: eithe
   at OUT (an atomic no-replace rename on Linux) or, with ``force``, only if OUT is still the very
   directory that was there at the start (swapped atomically). Otherwise the run fails with
   :class:`~surgery.errors.OutputChangedError` and touches nothing there.
+* **``force`` replaces only what this tool wrote**: an empty directory, a checkpoint holding this
+  tool's recipe file, or an ONNX export holding this tool's report beside its graph
+  (:func:`why_not_replaceable`). Any other directory is refused with
+  :class:`~surgery.errors.OutputNotOursError`, checked at the start and again just before the swap.
 * **Debris of killed runs is removed only when provably stale.** The staging directory is
   ``.OUT.partial-PID-RANDOM`` and holds a marker file of this tool naming its pid and host; the
   next run to the same OUT removes it only while holding OUT's lock, with the marker present and
@@ -34,12 +38,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from surgery.errors import OptionError, OutputBusyError, OutputChangedError, OutputExistsError
+from surgery.errors import OptionError, OutputBusyError, OutputChangedError, OutputExistsError, OutputNotOursError
+from surgery.plan import RECIPE_FILENAME
 
 MARKER_FILENAME = ".surgery-staging"
 MARKER_TOOL = "layer-surgery"
 CONTENT_DIRNAME = "out"
 PREVIOUS_DIRNAME = "old"
+# What an ONNX export directory of this tool holds (exporters.onnx REPORT_FILENAME, written last, and
+# exporters.onnx_runtime ONNX_FILENAME); spelled out here because exporters.onnx imports this module.
+ONNX_REPORT_FILENAME = "onnx-export.json"
+ONNX_GRAPH_FILENAME = "model.onnx"
 
 _Identity = tuple[int, int]
 # OUT's identity when check_output ran (the start of the run), by absolute path; None: OUT did not exist.
@@ -103,6 +112,39 @@ def _check(out: Path, *, force: bool, protected: tuple[Path, ...] = ()) -> None:
     if out.exists() or out.is_symlink():
         if not force or not out.is_dir():
             raise OutputExistsError(str(out))
+        _check_replaceable(out)
+
+
+def why_not_replaceable(out: Path) -> str | None:
+    """Why ``force`` may not replace the directory ``out``, or None when it may (an output of this tool).
+
+    It may when ``out`` is a real directory (not a symlink) that is empty, or that holds, as regular
+    files, this tool's recipe (``surgery-recipe.yaml``, written into every checkpoint) or an ONNX
+    export's report next to its graph (``onnx-export.json`` and ``model.onnx``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> why_not_replaceable(pathlib.Path(tempfile.mkdtemp())) is None  # empty: may be replaced
+        True
+    """
+    try:
+        if stat.S_ISLNK(os.lstat(out).st_mode):
+            return "it is a symlink"
+        with os.scandir(out) as found:
+            entries = list(found)
+        names = {entry.name for entry in entries if entry.is_file(follow_symlinks=False)}
+    except OSError as exc:
+        return f"it cannot be examined ({exc.strerror})"
+    if not entries or RECIPE_FILENAME in names or {ONNX_REPORT_FILENAME, ONNX_GRAPH_FILENAME} <= names:
+        return None
+    return f"it is not empty and holds neither {RECIPE_FILENAME} nor an ONNX export's {ONNX_REPORT_FILENAME}"
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace a directory this tool did not write (see :func:`why_not_replaceable`)."""
+    reason = why_not_replaceable(out)
+    if reason is not None:
+        raise OutputNotOursError(str(out), reason)
 
 
 @contextmanager
@@ -181,6 +223,7 @@ def _publish(content: Path, out: Path, start: _Identity | None) -> None:
         return
     if now != start:
         raise OutputChangedError(str(out), "was replaced by another directory")
+    _check_replaceable(out)  # still an output of this tool (or empty) right before it is replaced
     if _renameat2(content, out, _RENAME_EXCHANGE):  # atomic swap: OUT is never missing
         if _identity(content) != start:  # swapped for something else in between: swap back
             try:

@@ -59,7 +59,7 @@ def _writing() -> argparse.ArgumentParser:
     )
     parent.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast floating-point weights")
     parent.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB (default 5GB)")
-    parent.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parent.add_argument("--force", action="store_true", help="replace OUT if it is empty or an earlier output of this tool")
     parent.add_argument("--dry-run", action="store_true", help="print the layer mapping and output size, write nothing")
     parent.add_argument("--onnx", action="store_true",
                         help="once OUT is complete, export it to ONNX with KV cache into OUT/onnx, validated (see 'surgery export-onnx')")
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     onx.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
     onx.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     onx.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where validation runs (default cpu)")
-    onx.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    onx.add_argument("--force", action="store_true", help="replace OUT if it is empty or an earlier output of this tool")
 
     gen = verb("generate", _cmd_generate, "generate with ONNX Runtime and the KV cache, streaming tokens")
     gen.add_argument("model", metavar="MODEL_OR_ONNX_DIR",

@@ -329,3 +329,17 @@ class OutputChangedError(SurgeryError, FileExistsError):
             f"output {path} {reason} while this run was writing; it was left untouched and nothing was written",
             hint="run again once nothing else writes there, or choose another output directory",
         )
+
+
+class OutputNotOursError(OutputExistsError):
+    """``force`` was given, but the directory at the output path is not one this tool wrote (nor empty)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        SurgeryError.__init__(
+            self,
+            f"output {path} was not written by layer-surgery ({reason}); --force replaces only an empty "
+            "directory or an earlier output of this tool",
+            hint="choose another output directory, or empty or remove this one yourself",
+        )

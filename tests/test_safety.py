@@ -298,6 +298,89 @@ def test_force_replaces_only_the_directory_that_was_there_at_the_start(
     assert first.stat().st_ino != inode and "layers: 0-1,3-5" in (first / "surgery-recipe.yaml").read_text()
 
 
+# -- 5. --force replaces only what this tool wrote ---------------------------------------------------
+
+
+def _user_directory(out: Path) -> dict[str, bytes]:
+    """A directory the user made: it even looks like a model and holds a graph, but this tool wrote none of it."""
+    out.mkdir()
+    (out / "thesis.txt").write_text("years of work")
+    (out / "config.json").write_text("{}")
+    (out / "model.onnx").write_bytes(b"my own graph")  # a graph, but without this tool's onnx-export.json
+    (out / "notes").mkdir()
+    (out / "notes" / "surgery-recipe.yaml").write_text("not at the top: not a recipe of an output")
+    return tree(out)
+
+
+@pytest.mark.parametrize("verb", ["prune", "parallel", "export-onnx"])
+def test_force_refuses_a_directory_this_tool_did_not_write(
+    tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], verb: str,
+) -> None:
+    import exporters.onnx
+    import surgery.engine
+    import surgery.widen
+
+    out = tmp_path / "out"
+    before = _user_directory(out)
+    model = str(tiny_model("llama"))
+    for module, name in ((surgery.engine, "detect"), (surgery.widen, "detect"), (exporters.onnx, "_load")):
+        monkeypatch.setattr(module, name, None)  # refused at the start: any work would fail differently
+    args = {"prune": ["prune", model, str(out), "--drop", "1"],
+            "parallel": ["parallel", model, str(out), "--groups", "1-2"],
+            "export-onnx": ["export-onnx", model, str(out), "--no-validate"]}[verb]
+    code = main([*args, "--force", "-q"])
+    one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), "was not written by layer-surgery")
+    assert tree(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging directory, no lock file left
+
+
+def test_force_refuses_a_symlink_at_out_even_to_an_output(
+    tiny_model: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    earlier = tmp_path / "earlier"
+    surgery.prune(tiny_model("llama"), earlier, drop="1", quiet=True)
+    before = tree(earlier)
+    (tmp_path / "out").symlink_to(earlier)
+    code = main(["prune", str(tiny_model("llama")), str(tmp_path / "out"), "--drop", "2", "--force", "-q"])
+    one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), "it is a symlink")
+    assert (tmp_path / "out").is_symlink() and tree(earlier) == before
+
+
+def test_force_replaces_an_empty_directory_and_earlier_outputs(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    from exporters.onnx import export_onnx
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    surgery.prune(tiny_model("llama"), empty, drop="1", force=True, quiet=True)
+    assert "layers: 0,2-5" in (empty / "surgery-recipe.yaml").read_text()
+    onnx = tmp_path / "onnx"  # an ONNX export of this tool: its report beside its graph
+    export_onnx(tiny_model("llama"), onnx, validate=False, quiet=True)
+    inode = onnx.stat().st_ino
+    export_onnx(tiny_model("llama"), onnx, validate=False, force=True, quiet=True)
+    assert onnx.stat().st_ino != inode and (onnx / "onnx-export.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["empty", "onnx"]
+
+
+def test_force_checks_again_just_before_replacing(
+    tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output the user turns into their own directory during the run (same inode) is not replaced."""
+    out = tmp_path / "out"
+    surgery.prune(tiny_model("llama"), out, drop="1", quiet=True)
+
+    def user_reuses_out() -> None:
+        for file in out.iterdir():
+            file.unlink()
+        (out / "thesis.txt").write_text("years of work")
+
+    _during_write(monkeypatch, user_reuses_out)
+    code = main(["prune", str(tiny_model("llama")), str(out), "--drop", "2", "--force", "-q"])
+    one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), "was not written by layer-surgery")
+    assert tree(out) == {"thesis.txt": b"years of work"}
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
 # -- 5. one writer per OUT --------------------------------------------------------------------------
 
 
