@@ -42,14 +42,18 @@ import numpy as np
 
 from exporters.onnx_runtime import ONNX_FILENAME, OnnxCausalLM, create_session
 from exporters.staging import check_output, staged_output
+from surgery.architecture import load_config
+from surgery.checkpoint import read_json_object
 from surgery.compat import output_cache, with_cache
 from surgery.errors import (
+    CheckpointError,
     CudaUnavailableError,
     OnnxExportError,
     OnnxOpsetError,
     OnnxValidationError,
     OptionError,
     OutputExistsError,
+    SurgeryError,
     UnsupportedArchitectureError,
 )
 from surgery.source import Source, cache_root, open_source
@@ -278,17 +282,22 @@ def _load(path: Path, trust_remote_code: bool) -> _Loaded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            config = load_config(path, trust_remote_code=trust_remote_code)  # checked, then transformers' own
             kind = _classify(config)
             auto = transformers.AutoModelForCausalLM if kind == "decoder" else transformers.AutoModel
             model = auto.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+    except SurgeryError:
+        raise
     except ValueError as exc:
         if "trust_remote_code" in str(exc):  # a model whose code ships with it
             raise UnsupportedArchitectureError(
-                str(json.loads((path / "config.json").read_text()).get("model_type", "?")),
+                str(read_json_object(path / "config.json", "config").get("model_type", "?")),
                 "its modelling code ships in the model directory", hint="pass --trust-remote-code to run it",
             ) from None
-        raise
+        raise CheckpointError(str(path), f"cannot be loaded by transformers ({str(exc).splitlines()[0] if str(exc) else 'ValueError'})") from exc
+    except Exception as exc:  # transformers raises many kinds on a malformed checkpoint; --debug shows the chain
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(str(path), f"cannot be loaded by transformers ({type(exc).__name__}: {first})") from exc
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -869,7 +878,9 @@ def validate_onnx(
     loaded = _load(source.path, trust_remote_code)
     directory = Path(onnx_dir)
     meta = directory / REPORT_FILENAME
-    dtype = json.loads(meta.read_text()).get("dtype", "fp32") if meta.exists() else "fp32"
+    dtype = read_json_object(meta, "ONNX export report").get("dtype", "fp32") if meta.exists() else "fp32"
+    if dtype not in ("fp32", "fp16"):
+        raise CheckpointError(str(meta), f"names dtype {dtype!r}, not fp32 or fp16")
     return validate_against(loaded, directory, dtype=dtype, device=device)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from surgery.checkpoint import read_json_object
 from surgery.errors import CheckpointError, CudaUnavailableError, OptionError
 
 if TYPE_CHECKING:
@@ -379,10 +379,14 @@ def _eos_ids(directory: Path) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         file = directory / name
         if file.exists():
-            value = json.loads(file.read_text()).get("eos_token_id")
-            if value is not None:
-                ids.extend([value] if isinstance(value, int) else value)
-                break
+            value = read_json_object(file, "config").get("eos_token_id")
+            if value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+                raise CheckpointError(str(file), f"eos_token_id must be a token id or a list of them, got {value!r}")
+            ids.extend(values)
+            break
     return ids
 
 
