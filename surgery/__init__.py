@@ -9,20 +9,34 @@ The stages, in the order a plan flows through them:
 * :mod:`surgery.widen` — parallel groups merged into wide blocks;
 * :mod:`exporters.safetensors` — writes the shards.
 
+Importing this package imports nothing but the standard library: every public name is loaded from
+its module on first use (PEP 562), so ``import surgery.errors`` or ``import exporters.staging``
+never pulls in the API, and ``surgery --help`` never pulls in torch. Type checkers read the
+``TYPE_CHECKING`` imports below and see the real types.
+
 Example:
     >>> import surgery
     >>> result = surgery.prune(None, "out/smol-19", drop="10-20")  # doctest: +SKIP
 """
 
-from typing import Any
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING
 
-from surgery.analyze import AnalysisReport, analyze
-from surgery.api import ModelInfo, Options, apply, inspect, parallel, prune, reorder, repeat, update_code
-from surgery.engine import SurgeryResult
-from surgery.errors import SurgeryError
-from surgery.plan import Plan, Recipe, WriteOptions
-from surgery.sweep import SweepReport, sweep
-from surgery.validate import MeasureOptions, ValidationReport, validate
+if TYPE_CHECKING:
+    from exporters.hub import PushResult, push
+    from exporters.onnx import OnnxExportResult, export_onnx, validate_onnx
+    from exporters.onnx_runtime import Generation, generate
+    from surgery.analyze import AnalysisReport, analyze
+    from surgery.api import ModelInfo, Options, apply, inspect, parallel, prune, reorder, repeat, update_code
+    from surgery.engine import SurgeryResult
+    from surgery.errors import SurgeryError
+    from surgery.plan import Plan, Recipe, WriteOptions
+    from surgery.sweep import SweepReport, sweep
+    from surgery.validate import MeasureOptions, ValidationReport, validate
+    from surgery.view import plan_view
 
 __all__ = [
     "ModelInfo", "Options", "Plan", "Recipe", "SurgeryError", "SurgeryResult", "WriteOptions",
@@ -33,24 +47,54 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+# Where each public name lives: the one table __getattr__ reads (tests/test_imports.py checks it
+# against __all__ and the TYPE_CHECKING imports above).
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("ModelInfo", "Options", "apply", "inspect", "parallel", "prune", "reorder", "repeat",
+                     "update_code"), "surgery.api"),
+    **dict.fromkeys(("Plan", "Recipe", "WriteOptions"), "surgery.plan"),
+    "SurgeryError": "surgery.errors",
+    "SurgeryResult": "surgery.engine",
+    **dict.fromkeys(("MeasureOptions", "ValidationReport", "validate"), "surgery.validate"),
+    **dict.fromkeys(("AnalysisReport", "analyze"), "surgery.analyze"),
+    **dict.fromkeys(("SweepReport", "sweep"), "surgery.sweep"),
+    "plan_view": "surgery.view",  # imports torch
+    **dict.fromkeys(("PushResult", "push"), "exporters.hub"),
+    **dict.fromkeys(("OnnxExportResult", "export_onnx", "validate_onnx"), "exporters.onnx"),
+    **dict.fromkeys(("Generation", "generate"), "exporters.onnx_runtime"),
+}
 
-def __getattr__(name: str) -> Any:
-    """``surgery.push`` and ``surgery.PushResult`` live in :mod:`exporters.hub`, which imports this
-    package: they are loaded on first use, so that importing either side first works."""
-    if name in ("push", "PushResult"):
-        from exporters import hub
+# Names that are both a submodule and the public function in it: ``surgery.validate`` is the function.
+_FUNCTION_OVER_MODULE = frozenset(name for name, module in _EXPORTS.items() if module == f"{__name__}.{name}")
 
-        return getattr(hub, name)
-    if name in ("export_onnx", "validate_onnx", "OnnxExportResult"):  # ONNX export: loaded on first use
-        from exporters import onnx
 
-        return getattr(onnx, name)
-    if name in ("generate", "Generation"):  # the ONNX Runtime runner: loaded on first use
-        from exporters import onnx_runtime
+def __getattr__(name: str) -> object:
+    """A public name, imported from its module on first use (and kept); any other submodule by name."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # ``import surgery; surgery.plan.parse_ranges`` worked while this package imported everything.
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return getattr(onnx_runtime, name)
-    if name == "plan_view":  # surgery.view imports torch: loaded on first use
-        from surgery.view import plan_view
 
-        return plan_view
-    raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: the import system binds every submodule it loads as an attribute of
+    its package, which would turn ``surgery.validate`` into the module once anything imported
+    ``surgery.validate``; the public function keeps the name instead (as when this package imported
+    everything eagerly). ``sys.modules["surgery.validate"]`` is the module, as always."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FUNCTION_OVER_MODULE and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
