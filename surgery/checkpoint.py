@@ -80,7 +80,7 @@ def open_regular(path: Path) -> tuple[BinaryIO, int]:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFileError(str(path), _file_kind(info.st_mode))
+            raise NotRegularFileError(str(path), file_kind(info.st_mode))
         return os.fdopen(fd, "rb"), info.st_size
     except BaseException:
         os.close(fd)
@@ -95,7 +95,8 @@ class NotRegularFileError(OSError):
         self.kind = kind
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: ``a directory``, ``a FIFO (named pipe)``, ``a device`` ..."""
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):

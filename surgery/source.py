@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from surgery.checkpoint import INDEX_FILENAME, read_header, read_index, read_tensor_index
+from surgery.checkpoint import INDEX_FILENAME, file_kind, read_header, read_index, read_tensor_index
 from surgery.errors import CheckpointError, ModelNotFoundError, PickleRefusedError
 from surgery.gguf_header import check_gguf
 
@@ -227,13 +227,8 @@ def _unsafe(path: Path, allowed: list[Path]) -> str | None:
         mode = os.stat(target).st_mode
     if stat.S_ISREG(mode):
         return None
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe), not a regular file"
-    if stat.S_ISSOCK(mode):
-        return "a socket, not a regular file"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device, not a regular file"
-    return "not a regular file"
+    kind = file_kind(mode)
+    return kind if kind == "not a regular file" else f"{kind}, not a regular file"
 
 
 def open_source(model: str | os.PathLike[str] | None, *, allow_pickle: bool = False, quiet: bool = False) -> Source:
