@@ -37,6 +37,7 @@ from surgery.errors import (
 from surgery.plan import RECIPE_FILENAME, Recipe
 from surgery.redact import redact
 from surgery.source import safe_files
+from surgery.version import __version__
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -325,8 +326,6 @@ def push(
     if not token:
         raise MissingTokenError(repo_id, "pushing to a private repository" if private else "pushing")
     endpoint = hub_endpoint()
-    from surgery import __version__
-
     api = HfApi(endpoint=endpoint, token=token, library_name="layer-surgery", library_version=__version__)
     full_id = repo_id
     try:

@@ -9,9 +9,10 @@ The stages, in the order a plan flows through them:
 * :mod:`surgery.widen` — parallel groups merged into wide blocks;
 * :mod:`exporters.safetensors` — writes the shards.
 
-Importing this package imports nothing but the standard library: every public name is loaded from
-its module on first use (PEP 562), so ``import surgery.errors`` or ``import exporters.staging``
-never pulls in the API, and ``surgery --help`` never pulls in torch. Type checkers read the
+Importing this package imports nothing but the standard library and :mod:`surgery.version` (the
+version string, a module without imports): every public name is loaded from its module on first use
+(PEP 562), so ``import surgery.errors`` or ``import exporters.staging`` never pulls in the API, and
+``surgery --help`` never pulls in torch. Type checkers read the
 ``TYPE_CHECKING`` imports below and see the real types.
 
 Example:
@@ -24,6 +25,8 @@ import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING
+
+from surgery.version import __version__ as __version__  # the one version string, on the ground floor
 
 if TYPE_CHECKING:
     from exporters.hub import PushResult, push
@@ -45,7 +48,6 @@ __all__ = [
     "Generation", "OnnxExportResult", "export_onnx", "generate", "validate_onnx",
     "AnalysisReport", "MeasureOptions", "SweepReport", "ValidationReport", "analyze", "plan_view", "sweep", "validate",
 ]
-__version__ = "0.1.0"
 
 # Where each public name lives: the one table __getattr__ reads (tests/test_imports.py checks it
 # against __all__ and the TYPE_CHECKING imports above).

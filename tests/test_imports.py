@@ -13,6 +13,7 @@ import ast
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ MODULES = module_names()
 # a dry run and ``--help`` import. Measurement (validate, view, ...) and ONNX may import torch.
 LIGHT = [
     "surgery", "exporters",
-    "surgery.plan", "surgery.errors", "surgery.checkpoint", "surgery.redact", "surgery.compat",
+    "surgery.version", "surgery.plan", "surgery.errors", "surgery.checkpoint", "surgery.redact", "surgery.compat",
     "surgery.modeling_wide",  # the package only: the modelling code shipped into checkpoints imports both
     "surgery.gguf_header", "surgery.source", "surgery.architecture",
     "surgery.engine", "surgery.widen", "exporters.safetensors", "exporters.staging",
@@ -74,10 +75,13 @@ def test_light_floor_imports_neither_torch_nor_transformers(module: str) -> None
 
 
 def test_importing_the_package_imports_none_of_its_modules() -> None:
-    code = "import sys, surgery\nprint(sorted(m for m in sys.modules if m.startswith(('surgery.', 'exporters'))))"
+    # Only surgery.version: the version string, a module that imports nothing.
+    code = ("import sys, surgery\nprint(sorted(m for m in sys.modules if m.startswith(('surgery.', 'exporters'))))\n"
+            "print(surgery.__version__, sys.modules['surgery.version'].__version__)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert done.stdout.splitlines() == ["['surgery.version']", f"{version} {version}"]
 
 
 def test_public_names_table_matches_all_and_the_typed_imports() -> None:
