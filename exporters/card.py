@@ -31,6 +31,7 @@ from surgery.engine import _count, _human  # one formatting of counts and sizes 
 from surgery.errors import ModelCardError
 from surgery.modeling_wide import shipped_code_line
 from surgery.plan import RECIPE_FILENAME, format_ranges
+from surgery.source import hub_endpoint
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -273,8 +274,6 @@ def build_card(directory: Path, result: SurgeryResult, source: Source) -> str:
         license_link=licenses.get("license_link"),
     )
     source_params = result.source_params
-    from exporters.hub import hub_endpoint
-
     base_text = f"[{base}]({hub_endpoint() or 'https://huggingface.co'}/{base})" if on_hub else f"`{base}`"
     if source.name == "default":
         base_text += " (the embedded Q4_1 GGUF, dequantized)"

@@ -36,7 +36,7 @@ from surgery.errors import (
 )
 from surgery.plan import RECIPE_FILENAME, Recipe
 from surgery.redact import redact
-from surgery.source import safe_files
+from surgery.source import hub_endpoint, safe_files
 from surgery.version import __version__
 
 if TYPE_CHECKING:
@@ -44,18 +44,6 @@ if TYPE_CHECKING:
     from huggingface_hub.hf_api import CommitInfo, ModelInfo
 
 logger = logging.getLogger(__name__)
-
-
-def hub_endpoint() -> str | None:
-    """The Hub endpoint from ``HF_ENDPOINT`` (read now), or None for ``huggingface_hub``'s default.
-
-    Example:
-        >>> os.environ["HF_ENDPOINT"] = "https://hub.example.com/"  # doctest: +SKIP
-        >>> hub_endpoint()  # doctest: +SKIP
-        'https://hub.example.com'
-    """
-    value = os.environ.get("HF_ENDPOINT", "").strip()
-    return value.rstrip("/") or None
 
 
 def check_repo_id(repo_id: str) -> str:

@@ -42,6 +42,22 @@ NOT_COPIED = {"config.json", INDEX_FILENAME, "pytorch_model.bin.index.json", "RE
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def hub_endpoint() -> str | None:
+    """The Hub endpoint from ``HF_ENDPOINT`` (read now), or None for ``huggingface_hub``'s default.
+
+    Read at call time, so a private Hub deployment works even when the variable is set after
+    ``huggingface_hub`` was imported; opening a Hub source, :func:`exporters.hub.push` and the
+    model card's link to the base model all use it.
+
+    Example:
+        >>> os.environ["HF_ENDPOINT"] = "https://hub.example.com/"  # doctest: +SKIP
+        >>> hub_endpoint()  # doctest: +SKIP
+        'https://hub.example.com'
+    """
+    value = os.environ.get("HF_ENDPOINT", "").strip()
+    return value.rstrip("/") or None
+
+
 def cache_root() -> Path:
     """The directory for converted checkpoints: ``$SURGERY_CACHE`` or ``~/.cache/layer-surgery``."""
     return Path(os.environ.get("SURGERY_CACHE") or Path.home() / ".cache" / "layer-surgery")
@@ -98,8 +114,6 @@ class Source:
             return
         from huggingface_hub import snapshot_download
 
-        from exporters.hub import hub_endpoint
-
         try:  # exact names (glob-escaped), at the commit the source was opened at
             snapshot_download(self.repo_id, revision=self.revision, local_dir=self.path, endpoint=hub_endpoint(),
                               allow_patterns=[glob.escape(f) for f in wanted])
@@ -138,8 +152,6 @@ class Source:
             if self.repo_id is None:
                 return None
             from huggingface_hub import HfApi
-
-            from exporters.hub import hub_endpoint
 
             api = HfApi(endpoint=hub_endpoint())
             try:
@@ -414,8 +426,6 @@ def _open_hub(repo_id: str) -> Source:
     the usual token (``HF_TOKEN`` or the stored login) are honoured.
     """
     from huggingface_hub import HfApi, snapshot_download
-
-    from exporters.hub import hub_endpoint
 
     endpoint = hub_endpoint()
     try:
