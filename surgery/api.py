@@ -16,7 +16,7 @@ from surgery.errors import CheckpointError, OptionError
 from surgery.modeling_wide import CodeStatus, code_status
 from surgery.plan import Plan, Recipe, WriteOptions, format_ranges, parse_size
 from surgery.source import Source, open_source
-from surgery.widen import CodeUpdate, update_modeling_code
+from surgery.widen import CodeUpdate, execute_parallel, update_modeling_code
 
 PathLike = str | os.PathLike[str]
 
@@ -62,8 +62,11 @@ def _run(model: PathLike | None, out: PathLike | None, build: Callable[[int], Pl
 
 
 def _execute(source: Source, out: PathLike | None, recipe: Recipe, options: Options) -> SurgeryResult:
+    """Write ``recipe``'s model: plans with parallel groups as wide blocks (:func:`~surgery.widen.execute_parallel`),
+    any other through :func:`~surgery.engine.execute`; then the ONNX export and the push, if asked."""
     _check_push_options(options)
-    result = execute(
+    rewrite = execute_parallel if recipe.plan.groups else execute
+    result = rewrite(
         source,
         Path(out) if out is not None else None,
         recipe,

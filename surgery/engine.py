@@ -1,7 +1,11 @@
-"""The one engine: execute any plan on a source checkpoint, streaming tensors into a new one.
+"""The one engine: execute a plan on a source checkpoint, streaming tensors into a new one.
 
 plan (which layers) -> architecture (where they live, how the config follows) -> engine (which
 output tensor comes from which source byte range) -> writer (``exporters.safetensors``).
+
+:func:`execute` writes plans of whole layers; plans with parallel groups are written by
+:func:`surgery.widen.execute_parallel` (one floor up) through the same :func:`plan_output` and
+:func:`write_output`. :mod:`surgery.api` chooses between the two.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from exporters.safetensors import OutputTensor, layout_shards, output_dtype, wri
 from exporters.staging import check_output, staged_output
 from surgery.architecture import Architecture, detect, read_config
 from surgery.checkpoint import INDEX_FILENAME, TensorEntry, read_header, read_index, read_tensor_index
-from surgery.errors import CheckpointError, UnsupportedArchitectureError
+from surgery.errors import CheckpointError, PlanError, UnsupportedArchitectureError
 from surgery.plan import RECIPE_FILENAME, Recipe
 from surgery.source import Source
 
@@ -169,7 +173,9 @@ def execute(
     quiet: bool = False,
     trust_remote_code: bool = False,
 ) -> SurgeryResult:
-    """Apply a recipe to a source checkpoint and write the new model into ``out``.
+    """Apply a recipe without parallel groups to a source checkpoint and write the new model into ``out``.
+
+    A plan with groups is :func:`surgery.widen.execute_parallel`'s (``surgery.api`` dispatches).
 
     Args:
         source: from :func:`surgery.source.open_source`.
@@ -184,7 +190,7 @@ def execute(
         The :class:`SurgeryResult`.
 
     Raises:
-        PlanError: the plan does not fit this model.
+        PlanError: the plan does not fit this model, or it has parallel groups.
         UnsupportedArchitectureError: no layer stack, or a config that cannot follow the plan.
         CheckpointError: missing or corrupt weights.
         OutputExistsError: ``out`` exists and ``force`` is False.
@@ -194,12 +200,9 @@ def execute(
         >>> from surgery.plan import Plan, Recipe  # doctest: +SKIP
         >>> execute(open_source(None), Path("out"), Recipe(Plan.drop("10-20", 30)))  # doctest: +SKIP
     """
-    if recipe.plan.groups:  # parallel groups become wide blocks: fused weights and shipped modelling code
-        from surgery.widen import execute_parallel
-
-        return execute_parallel(
-            source, out, recipe, force=force, dry_run=dry_run, quiet=quiet, trust_remote_code=trust_remote_code
-        )
+    if recipe.plan.groups:  # never written as plain layers: wide blocks need fused weights and shipped code
+        raise PlanError("surgery.engine.execute writes plans without parallel groups; "
+                        "write this one with surgery.widen.execute_parallel (as surgery.api does)")
     if out is not None and not dry_run:
         check_output(out, force=force, protected=source.protected_paths())
     names, weight_map = _tensor_names(source)

@@ -323,9 +323,10 @@ def live_architecture(model: Any) -> Architecture:
 def plan_view(model: Any, plan: Plan) -> Iterator[Any]:
     """Run ``plan`` on ``model`` in memory: inside the context, ``model`` *is* the planned model.
 
-    Its logits equal those of the checkpoint :func:`surgery.engine.execute` writes for the same
-    plan; cached generation equals uncached generation, repeated layers included. No tensor is
-    copied: the view holds the original block objects.
+    Its logits equal those of the checkpoint the API writes for the same plan
+    (:func:`surgery.engine.execute`, or :func:`surgery.widen.execute_parallel` for parallel
+    groups); cached generation equals uncached generation, repeated layers included. No tensor
+    is copied: the view holds the original block objects.
 
     Args:
         model: a loaded ``transformers`` model (any device placement, ``device_map`` included).

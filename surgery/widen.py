@@ -543,8 +543,8 @@ def execute_parallel(
 ) -> ParallelResult:
     """Apply a recipe with parallel groups: write the wide-block checkpoint into ``out``.
 
-    :func:`surgery.engine.execute` hands every plan with groups to this function; the options
-    mean the same.
+    :mod:`surgery.api` writes every plan with groups through this function (and every other plan
+    through :func:`surgery.engine.execute`, which refuses groups); the options mean the same.
 
     Args:
         source: from :func:`surgery.source.open_source`.

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from surgery import api
 from surgery.cli import main
 from surgery.compat import output_cache
-from surgery.errors import ParallelGroupError, ParallelMergeError
+from surgery.errors import ParallelGroupError, ParallelMergeError, PlanError
 from surgery.plan import ParallelGroup, Plan, Recipe
 from surgery.view import plan_view
 from tests import tiny
@@ -261,6 +261,20 @@ def test_dry_run_json_writes_nothing(tiny_model: Callable[..., Path], tmp_path: 
     body = json.loads(capsys.readouterr().out)
     assert body["plan"] == "0-1,[2-3]x2,4-5" and body["layers"] == [0, 1, "[2-3]x2", 4, 5]
     assert body["operations"] == ["layer-repeated", "parallel-merged"] and not out.exists()
+
+
+def test_the_engine_refuses_groups_and_the_api_writes_them_wide(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    # The engine sits below widen: a plan with groups reaches execute_parallel through the API only.
+    from surgery.engine import execute
+    from surgery.source import open_source
+    from surgery.widen import ParallelResult
+
+    out = tmp_path / "wide"
+    with pytest.raises(PlanError, match="without parallel groups"):
+        execute(open_source(tiny_model("llama")), out, Recipe(Plan.parallel("2-3", 2, 6)))
+    assert not out.exists()
+    result = api.parallel(tiny_model("llama"), out, groups="2-3", loop=2, dry_run=True)
+    assert isinstance(result, ParallelResult) and str(result.recipe.plan) == "0-1,[2-3]x2,4-5"
 
 
 # -- bad input: one line, exit 2, nothing written ----------------------------------------------------
