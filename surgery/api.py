@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
+from exporters.card import write_card
 from surgery.architecture import detect, layer_count, load_config
 from surgery.checkpoint import read_json_object, read_tensor_index
 from surgery.engine import SurgeryResult, _human, _tensor_names, execute
@@ -74,6 +75,7 @@ def _execute(source: Source, out: PathLike | None, recipe: Recipe, options: Opti
         dry_run=options.get("dry_run", False),
         quiet=options.get("quiet", False),
         trust_remote_code=options.get("trust_remote_code", False),
+        card=write_card,
     )
     result = _export_onnx_if_asked(source, result, options)
     # Anything that completes the output (validation) runs before this line: the push is last.

@@ -81,6 +81,11 @@ class SurgeryResult:
         return "\n".join(lines)
 
 
+# Writes the model card into the staging directory (``exporters.card.write_card``): passed down by the
+# API, because the card is built on a floor above the engine.
+CardWriter = Callable[[Path, SurgeryResult, Source], object]
+
+
 def _count(params: int | None) -> str:
     """A parameter count for people: ``134,515,008``, or ``unknown`` when it could not be read."""
     return "unknown" if params is None else f"{params:,}"
@@ -168,6 +173,7 @@ def execute(
     out: Path | None,
     recipe: Recipe,
     *,
+    card: CardWriter,
     force: bool = False,
     dry_run: bool = False,
     quiet: bool = False,
@@ -181,6 +187,8 @@ def execute(
         source: from :func:`surgery.source.open_source`.
         out: the output directory; it must not exist unless ``force``.
         recipe: the plan and write options.
+        card: writes the model card into the staging directory (:func:`exporters.card.write_card`;
+            passed in because the card sits on a floor above the engine).
         force: replace an existing ``out``.
         dry_run: plan and size everything, write nothing.
         quiet: no progress bar.
@@ -198,7 +206,8 @@ def execute(
     Example:
         >>> from surgery.source import open_source  # doctest: +SKIP
         >>> from surgery.plan import Plan, Recipe  # doctest: +SKIP
-        >>> execute(open_source(None), Path("out"), Recipe(Plan.drop("10-20", 30)))  # doctest: +SKIP
+        >>> from exporters.card import write_card  # doctest: +SKIP
+        >>> execute(open_source(None), Path("out"), Recipe(Plan.drop("10-20", 30)), card=write_card)  # doctest: +SKIP
     """
     if recipe.plan.groups:  # never written as plain layers: wide blocks need fused weights and shipped code
         raise PlanError("surgery.engine.execute writes plans without parallel groups; "
@@ -223,7 +232,7 @@ def execute(
         new_config[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
 
     write_output(
-        source, out, result, shards, new_config, force=force, quiet=quiet,
+        source, out, result, shards, new_config, card=card, force=force, quiet=quiet,
         before_files=lambda staging: _check_config_reads_back(staging, architecture, recipe),
     )
     return result
@@ -294,6 +303,7 @@ def write_output(
     shards: list[tuple[str, list[OutputTensor]]],
     config: dict[str, Any],
     *,
+    card: CardWriter,
     force: bool,
     quiet: bool,
     before_files: Callable[[Path], object] | None = None,
@@ -312,6 +322,7 @@ def write_output(
         result: the planned result (sizes for the progress bar, facts for the card).
         shards: ``(file name, tensors)`` per shard, from :func:`~exporters.safetensors.layout_shards`.
         config: the new ``config.json`` contents.
+        card: writes the model card last, into the staging directory (it reads everything above).
         force: replace an existing ``out`` (only once the new one is complete).
         quiet: no progress bar.
         before_files: called with the staging directory once the weights and config are written
@@ -323,7 +334,7 @@ def write_output(
         CheckpointError: a source tensor cannot be read.
 
     Example:
-        >>> write_output(source, Path("out"), result, shards, config, force=False, quiet=True)  # doctest: +SKIP
+        >>> write_output(source, Path("out"), result, shards, config, card=write_card, force=False, quiet=True)  # doctest: +SKIP
     """
     with staged_output(out, force=force) as staging:
         from tqdm.auto import tqdm
@@ -340,9 +351,7 @@ def write_output(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(extra, target)
         (staging / RECIPE_FILENAME).write_text(result.recipe.to_yaml())
-        from exporters.card import write_card  # the model card (README.md), derived from all of the above
-
-        write_card(staging, result, source)
+        card(staging, result, source)  # the model card (README.md), derived from all of the above
 
 
 def _check_config_reads_back(directory: Path, architecture: Architecture, recipe: Recipe) -> None:

@@ -52,10 +52,11 @@ from typing import Any
 
 from exporters.safetensors import ComputedSource, OutputTensor, output_dtype
 from exporters.staging import check_output
-from surgery.architecture import Architecture, detect
+from surgery.architecture import Architecture, detect, read_config
 from surgery.checkpoint import TensorEntry
 from surgery.engine import (
     _TORCH_DTYPE_NAMES,
+    CardWriter,
     SurgeryResult,
     _count,
     _human,
@@ -536,6 +537,7 @@ def execute_parallel(
     out: Path | None,
     recipe: Recipe,
     *,
+    card: CardWriter,
     force: bool = False,
     dry_run: bool = False,
     quiet: bool = False,
@@ -550,6 +552,7 @@ def execute_parallel(
         source: from :func:`surgery.source.open_source`.
         out: the output directory; it must not exist unless ``force``.
         recipe: a plan with parallel groups, and the write options.
+        card: writes the model card (see :func:`surgery.engine.execute`).
         force: replace an existing ``out``.
         dry_run: check and size everything, write nothing.
         quiet: no progress bar.
@@ -566,7 +569,8 @@ def execute_parallel(
 
     Example:
         >>> from surgery.source import open_source  # doctest: +SKIP
-        >>> execute_parallel(open_source(None), Path("out"), Recipe(Plan.parallel("10-13", 3, 30)))  # doctest: +SKIP
+        >>> from exporters.card import write_card  # doctest: +SKIP
+        >>> execute_parallel(open_source(None), Path("out"), Recipe(Plan.parallel("10-13", 3, 30)), card=write_card)  # doctest: +SKIP
     """
     if out is not None and not dry_run:
         check_output(out, force=force, protected=source.protected_paths())
@@ -581,10 +585,10 @@ def execute_parallel(
     if dry_run or out is None:
         return result
 
-    raw_config = json.loads((source.path / "config.json").read_text())
+    raw_config = read_config(source.path)
     new_config = parallel_config(raw_config, architecture, recipe)
     write_output(
-        source, out, result, shards, new_config, force=force, quiet=quiet,
+        source, out, result, shards, new_config, card=card, force=force, quiet=quiet,
         before_files=lambda staging: ship_modeling_code(staging, architecture.model_type),
         skip_files=frozenset(SHIPPED_FILES),
     )

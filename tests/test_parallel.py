@@ -265,13 +265,14 @@ def test_dry_run_json_writes_nothing(tiny_model: Callable[..., Path], tmp_path: 
 
 def test_the_engine_refuses_groups_and_the_api_writes_them_wide(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
     # The engine sits below widen: a plan with groups reaches execute_parallel through the API only.
+    from exporters.card import write_card
     from surgery.engine import execute
     from surgery.source import open_source
     from surgery.widen import ParallelResult
 
     out = tmp_path / "wide"
     with pytest.raises(PlanError, match="without parallel groups"):
-        execute(open_source(tiny_model("llama")), out, Recipe(Plan.parallel("2-3", 2, 6)))
+        execute(open_source(tiny_model("llama")), out, Recipe(Plan.parallel("2-3", 2, 6)), card=write_card)
     assert not out.exists()
     result = api.parallel(tiny_model("llama"), out, groups="2-3", loop=2, dry_run=True)
     assert isinstance(result, ParallelResult) and str(result.recipe.plan) == "0-1,[2-3]x2,4-5"
