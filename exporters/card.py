@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from surgery.checkpoint import has_tokenizer
 from surgery.engine import _count, _human  # one formatting of counts and sizes for the summary and the card
 from surgery.errors import ModelCardError
 from surgery.modeling_wide import shipped_code_line
@@ -222,10 +223,10 @@ def load_snippet(directory: Path, model_id: str) -> str:
     remote = bool(config.get("auto_map"))
     auto = _auto_class(class_name)
     extra = ", trust_remote_code=True" if remote else ""
-    has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    lines = ["```python", f"from transformers import {auto}" + (", AutoTokenizer" if has_tokenizer else ""), ""]
+    tokenizer = has_tokenizer(directory)
+    lines = ["```python", f"from transformers import {auto}" + (", AutoTokenizer" if tokenizer else ""), ""]
     lines.append(f'model = {auto}.from_pretrained("{model_id}"{extra})')
-    if has_tokenizer:
+    if tokenizer:
         lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{model_id}"{extra})')
     lines.append("```")
     if remote:

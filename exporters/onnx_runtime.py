@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from surgery.checkpoint import read_json_object
+from surgery.checkpoint import has_tokenizer, read_json_object
 from surgery.errors import CheckpointError, CudaUnavailableError, OptionError
 
 if TYPE_CHECKING:
@@ -450,6 +450,9 @@ def generate(
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if not has_tokenizer(directory):  # transformers 5.0 would make up an empty tokenizer instead of failing
+        raise CheckpointError(str(directory), "has no tokenizer files (tokenizer.json, tokenizer.model, ...)",
+                              hint="export from a checkpoint directory that holds its tokenizer")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a config whose code is not run falls back quietly; the error says it all
     try:

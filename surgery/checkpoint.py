@@ -452,6 +452,29 @@ def read_tensor_index(model_dir: Path) -> dict[str, TensorEntry]:
 
 # The JSON files a transformers tokenizer is read from.
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# Files that define a tokenizer's vocabulary or class. Without any of them a directory has no tokenizer:
+# some transformers releases (5.0) then build an empty one of the config's default class instead of failing.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "vocab.json", "vocab.txt",
+)
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds any file that defines a tokenizer (:data:`TOKENIZER_FILES`).
+
+    Args:
+        model_dir: a model directory.
+
+    Returns:
+        True when at least one of the files is there.
+
+    Example:
+        >>> import tempfile
+        >>> has_tokenizer(Path(tempfile.mkdtemp()))
+        False
+    """
+    return any((model_dir / name).exists() for name in TOKENIZER_FILES)
 
 
 def check_tokenizer_files(model_dir: Path) -> None:

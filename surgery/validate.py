@@ -281,8 +281,10 @@ def _is_causal(model: Any) -> bool:
 def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any | None:
     from transformers import AutoTokenizer
 
-    from surgery.checkpoint import check_tokenizer_files, tokenizer_error
+    from surgery.checkpoint import check_tokenizer_files, has_tokenizer, tokenizer_error
 
+    if not has_tokenizer(path):  # never let transformers make up an empty tokenizer (5.0 does)
+        return None
     check_tokenizer_files(path)  # a malformed tokenizer file is a one-line error naming it
     try:
         with warnings.catch_warnings():

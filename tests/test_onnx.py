@@ -339,6 +339,40 @@ def test_cuda_unavailable(tiny_onnx: Callable[..., OnnxExportResult], capsys: py
         OnnxCausalLM.load(directory, "cuda")
 
 
+def test_greedy_check_accepts_only_near_ties() -> None:
+    """Greedy rows may part only where PyTorch's logits of the two tokens lie within the logit bound."""
+    from types import SimpleNamespace
+
+    import torch
+
+    ours = np.array([[5, 6, 7, 8], [1, 2, 3, 4]])
+    theirs = np.array([[5, 6, 9, 9], [1, 2, 3, 4]])  # row 0 parts at token 2: 7 (ONNX) vs 9 (PyTorch)
+
+    class Lm:
+        def greedy(self, ids: Any, mask: Any, **_: Any) -> Any:
+            return SimpleNamespace(tokens=ours)
+
+    class Model:
+        def __init__(self, gap: float) -> None:
+            self.gap = gap
+
+        def generate(self, input_ids: Any, **_: Any) -> Any:
+            return torch.cat([input_ids, torch.from_numpy(theirs)], dim=1)
+
+        def __call__(self, input_ids: Any, use_cache: bool) -> Any:
+            logits = torch.zeros(1, input_ids.shape[1], 16)
+            logits[0, -1, 9] = 30.0
+            logits[0, -1, 7] = 30.0 - self.gap
+            return SimpleNamespace(logits=logits)
+
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    tie = onnx_export._greedy_check(Lm(), Model(0.1), prompts, 0, None, "fp16")  # bound 5e-3 x 30 = 0.15
+    assert tie.passed and "near-tie" in tie.detail and "row 0 token 2" in tie.detail
+    wrong = onnx_export._greedy_check(Lm(), Model(0.5), prompts, 0, None, "fp16")
+    assert not wrong.passed and "prefers 9" in wrong.detail
+    assert not onnx_export._greedy_check(Lm(), Model(0.1), prompts, 0, None, "fp32").passed  # bound 6e-4
+
+
 def test_generate_needs_a_tokenizer(tiny_onnx: Callable[..., OnnxExportResult]) -> None:
     with pytest.raises(SurgeryError, match="tokenizer"):
         generate(tiny_onnx("llama").out, "hi", max_new_tokens=2)
