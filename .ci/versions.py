@@ -5,8 +5,9 @@
     python .ci/versions.py transformers next     # the highest release on the index, allowed or not
 
 Releases come from the package index (`pip index versions`); pre-releases are ignored, and so is a
-release whose own dependencies cannot be installed from the index (`pip install --dry-run` fails:
-transformers 5.25.0 needs a `kernels` release the index does not have), since it cannot be tested.
+release that cannot be installed beside the project's other dependencies (`pip install --dry-run`
+fails; transformers 5.25.0 was such a release for a while, published before the `kernels` release
+it needs), since it cannot be tested.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 
-def declared(name: str) -> Requirement:
+def dependencies() -> list[Requirement]:
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-    for line in project["dependencies"]:
-        requirement = Requirement(line)
+    return [Requirement(line) for line in project["dependencies"]]
+
+
+def declared(name: str) -> Requirement:
+    for requirement in dependencies():
         if requirement.name.lower() == name.lower():
             return requirement
     raise SystemExit(f"{name} is not a dependency in pyproject.toml")
@@ -42,8 +46,14 @@ def released(name: str) -> list[Version]:
 
 
 def installable(name: str, version: Version) -> bool:
-    """Whether pip can resolve ``name==version`` with its dependencies from the index."""
-    check = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", f"{name}=={version}"]
+    """Whether pip can resolve ``name==version`` together with the project's other dependencies.
+
+    torch is left out of the check (it is installed from its pinned CPU wheel first); the others are
+    in, because a release can conflict with them (transformers 5.0 needs huggingface-hub < 2).
+    """
+    others = [str(r) for r in dependencies() if r.name.lower() not in (name.lower(), "torch")]
+    check = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+             f"{name}=={version}", *others]
     return subprocess.run(check, capture_output=True, text=True).returncode == 0
 
 

@@ -126,7 +126,7 @@ def code_status(directory: Path, config: dict[str, object] | None = None) -> Cod
 
     Example:
         >>> code_status(Path("out/smol-par"))  # doctest: +SKIP
-        CodeStatus(revision=2, tested_transformers='>=5.0,<=5.25.0', current=True, missing=())
+        CodeStatus(revision=2, tested_transformers='>=5.0,<5.25', current=True, missing=())
     """
     if config is None:
         try:
