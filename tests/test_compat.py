@@ -8,7 +8,6 @@ outdated output is reported, and `update-code` repairs it without touching weigh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tomllib
 from collections.abc import Callable
@@ -25,9 +24,8 @@ from surgery import api
 from surgery.cli import main
 from surgery.compat import cache_keyword, output_cache, with_cache
 from surgery.modeling_wide import CODE_REVISION, SHIPPED_FILES, TESTED_TRANSFORMERS, code_status, render
-from tests.test_parallel import IDS, load_wide
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, digest_tree, load_wide
+from tests.helpers import TINY_IDS as IDS
 
 
 def test_cache_keyword_is_read_from_the_signature() -> None:
@@ -66,7 +64,7 @@ def test_tested_range_is_the_declared_range() -> None:
 
 
 def _sha(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.safetensors"))}
+    return digest_tree(directory, "*.safetensors")
 
 
 @pytest.fixture()
