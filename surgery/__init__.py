@@ -36,9 +36,11 @@ if TYPE_CHECKING:
     from surgery.api import ModelInfo, Options, apply, inspect, parallel, prune, reorder, repeat, update_code
     from surgery.engine import SurgeryResult
     from surgery.errors import SurgeryError
+    from surgery.loading import MeasureOptions
     from surgery.plan import Plan, Recipe, WriteOptions
+    from surgery.report import ValidationReport
     from surgery.sweep import SweepReport, sweep
-    from surgery.validate import MeasureOptions, ValidationReport, validate
+    from surgery.validate import validate
     from surgery.view import plan_view
 
 __all__ = [
@@ -57,7 +59,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Plan", "Recipe", "WriteOptions"), "surgery.plan"),
     "SurgeryError": "surgery.errors",
     "SurgeryResult": "surgery.engine",
-    **dict.fromkeys(("MeasureOptions", "ValidationReport", "validate"), "surgery.validate"),
+    "MeasureOptions": "surgery.loading",
+    "ValidationReport": "surgery.report",
+    "validate": "surgery.validate",
     **dict.fromkeys(("AnalysisReport", "analyze"), "surgery.analyze"),
     **dict.fromkeys(("SweepReport", "sweep"), "surgery.sweep"),
     "plan_view": "surgery.view",  # imports torch

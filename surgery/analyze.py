@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from surgery.corpus import read_texts
 from surgery.errors import OptionError
+from surgery.loading import MeasureOptions, PathLike, Settings, input_device, load_model
 from surgery.plan import format_ranges
-from surgery.validate import MeasureOptions, PathLike, Settings, input_device, load_model, measuring_windows
+from surgery.validate import measuring_windows
 
 if TYPE_CHECKING:  # imported where models run, so that importing surgery stays fast
     import torch

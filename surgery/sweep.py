@@ -1,7 +1,7 @@
 """Measure a family of plans against the original with one load of the weights.
 
 Every plan runs as a :func:`surgery.view.plan_view` of the one loaded model, and
-:func:`surgery.validate.compare` passes each batch through the original once and then through
+:func:`surgery.metrics.compare` passes each batch through the original once and then through
 every plan, so memory does not grow with the number of plans.
 
 Built-in families:
@@ -28,19 +28,11 @@ from typing import Any, Unpack
 
 from surgery.corpus import read_texts
 from surgery.errors import OptionError
+from surgery.loading import MeasureOptions, PathLike, Settings, load_model
+from surgery.metrics import Candidate, Comparison, compare
 from surgery.plan import ParallelGroup, Plan, parse_ranges
-from surgery.validate import (
-    Candidate,
-    Comparison,
-    MeasureOptions,
-    PathLike,
-    Settings,
-    compare,
-    format_metric,
-    greedy_budget,
-    load_model,
-    measuring_windows,
-)
+from surgery.report import format_metric
+from surgery.validate import greedy_budget, measuring_windows
 
 PAINTERS_VARIANTS = ("skip", "middle repeat", "reverse", "random order", "parallel", "looped parallel")
 CSV_COLUMNS = (
