@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from surgery.checkpoint import has_tokenizer
 from surgery.engine import _count, _human  # one formatting of counts and sizes for the summary and the card
-from surgery.errors import ModelCardError
+from surgery.errors import CheckpointError, ModelCardError
+from surgery.gguf_header import gguf_strings
 from surgery.modeling_wide import shipped_code_line
 from surgery.plan import RECIPE_FILENAME, format_ranges
 from surgery.source import hub_endpoint
@@ -111,21 +112,10 @@ def _gguf_metadata(path: Path) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=8)
 def _read_gguf_metadata(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...]:
+    # The bounded header walk, not gguf.GGUFReader: that decodes the whole vocabulary first (6 s for SmolLM2).
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
-        out = []
-        for key, value in reader.fields.items():
-            if key.startswith("general."):
-                try:
-                    content = value.contents()
-                except Exception:  # a field type this gguf version cannot decode: skip it
-                    continue
-                if isinstance(content, str):
-                    out.append((key, content))
-        return tuple(out)
-    except Exception:  # no gguf package or an unreadable file: the card just lacks these fields
+        return tuple(gguf_strings(Path(path)).items())
+    except CheckpointError:  # an unreadable file: the card just lacks these fields
         return ()
 
 

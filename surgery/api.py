@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 from exporters.card import write_card
-from surgery.architecture import detect, layer_count, load_config
+from surgery.architecture import count_layers, detect
 from surgery.checkpoint import read_json_object, read_tensor_index
 from surgery.engine import SurgeryResult, _human, _tensor_names, execute
 from surgery.errors import CheckpointError, OptionError
@@ -54,8 +54,7 @@ class Options(TypedDict, total=False):
 
 def _run(model: PathLike | None, out: PathLike | None, build: Callable[[int], Plan], options: Options) -> SurgeryResult:
     source = open_source(model, allow_pickle=options.get("allow_pickle", False), quiet=options.get("quiet", False))
-    config = load_config(source.path, trust_remote_code=options.get("trust_remote_code", False))
-    num_layers = layer_count(config)
+    num_layers = count_layers(source.path, trust_remote_code=options.get("trust_remote_code", False))
     plan = build(num_layers)
     size = options.get("max_shard_size")
     write = WriteOptions(dtype=options.get("dtype"), max_shard_size=parse_size(size) if size else WriteOptions.max_shard_size)

@@ -1,9 +1,17 @@
 """What a model's layer stack is, derived from the model itself rather than a per-model table.
 
-The model is built on the meta device from its config (no weights read, no memory used), and
-the layer stack is the ``nn.ModuleList`` of ``num_hidden_layers`` identical blocks holding the
-most parameters. Its checkpoint prefix (``model.layers``, ``transformer.h``, ``gpt_neox.layers``,
-``model.decoder.layers``, ``encoder.layer`` ...) is then matched against the tensor names.
+Two ways, with the same result:
+
+* From the files alone (no torch, no transformers: the write path starts in milliseconds), when
+  ``config.json`` states everything: its ``model_type`` is one of :data:`STATED_IN_CONFIG` (families
+  whose config class derives no per-layer field beyond the ones listed there), those fields are
+  present, the layer count is one unambiguous key, and exactly one tensor-name prefix
+  ``<prefix>.<i>.`` covers layers ``0..n-1`` with the same tensor names in every layer.
+* Otherwise through transformers: the model is built on the meta device from its config (no
+  weights read, no memory used), and the layer stack is the ``nn.ModuleList`` of
+  ``num_hidden_layers`` identical blocks holding the most parameters. Its checkpoint prefix
+  (``model.layers``, ``transformer.h``, ``gpt_neox.layers``, ``model.decoder.layers``,
+  ``encoder.layer`` ...) is then matched against the tensor names.
 
 The config follows the plan: the layer-count field is set, and every per-layer list
 (``layer_types``, ``no_rope_layers``, ...: any list with one scalar per layer) is permuted with
@@ -31,6 +39,30 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "d
 INDEX_LIST_FIELDS = ("mlp_only_layers",)
 # Lists that may happen to have num_layers entries but are not per-layer.
 NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"}
+
+# Model types whose config class, when config.json lacks them, derives exactly these per-layer
+# fields (empty: none) and no position-dependent setting (POSITIONAL_SETTINGS) by default. For
+# these, config.json and the tensor names alone describe the stack once the listed fields are
+# present, so the write path needs neither torch nor transformers. Any other type (or a config
+# with remote code, a nested text config, or a field missing) is derived through transformers.
+# tests/test_architecture.py checks every row against the installed transformers.
+STATED_IN_CONFIG: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "phi", "phi3", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "stablelm",
+         "starcoder2", "olmo", "olmo2", "granite", "gemma", "cohere", "glm", "helium", "bert", "roberta",
+         "xlm-roberta", "electra", "distilbert"),
+        (),
+    ),
+    "qwen2": ("layer_types",),
+    "qwen3": ("layer_types",),
+    "qwen3_moe": ("mlp_only_layers",),
+    "gemma2": ("layer_types",),
+    "gemma3_text": ("layer_types",),
+    "cohere2": ("layer_types",),
+    "ministral": ("layer_types",),
+    "olmo3": ("layer_types",),
+    "smollm3": ("layer_types", "no_rope_layers"),
+}
 
 
 def _kind_by_period(field: str, offset: int = 1) -> Callable[[dict[str, Any], int], Any]:
@@ -76,6 +108,8 @@ class Architecture:
         per_layer: config fields with one value per layer (after the config's own derivations).
         index_lists: config fields listing layer indices, such as ``mlp_only_layers``.
         config: the full config as a plain dict, after derivations, for reports.
+        from_files: True when config.json and the tensor names sufficed (:func:`detect_from_files`):
+            then ``config`` is config.json as written, and ``module_path`` is the checkpoint prefix.
     """
 
     model_type: str
@@ -88,6 +122,7 @@ class Architecture:
     per_layer: dict[str, tuple[Any, ...]]
     index_lists: dict[str, tuple[int, ...]]
     config: dict[str, Any]
+    from_files: bool = False
 
     def layer_of(self, tensor_name: str) -> int | None:
         """The source layer index of a checkpoint tensor, or None for non-layer tensors."""
@@ -270,6 +305,31 @@ def load_config(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
         raise _unreadable_config(model_dir, exc) from None
 
 
+def count_layers(model_dir: Path, *, trust_remote_code: bool = False) -> int:
+    """The layer count of the model in ``model_dir``: from config.json when it states it, else via transformers.
+
+    Args:
+        model_dir: a directory with ``config.json``.
+        trust_remote_code: allow a config class that ships in the model repository.
+
+    Returns:
+        The layer count (of the text config for multimodal models).
+
+    Raises:
+        CheckpointError: a malformed ``config.json``.
+        UnsupportedArchitectureError: no layer count, or a model type transformers does not know.
+
+    Example:
+        >>> count_layers(Path("no/such/dir"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        surgery.errors.CheckpointError: no/such/dir/config.json: is missing
+    """
+    stated = stated_layer_count(read_config(model_dir))
+    if stated is not None:
+        return stated[1]
+    return layer_count(load_config(model_dir, trust_remote_code=trust_remote_code))
+
+
 def layer_count(config: Any) -> int:
     """The layer count of a loaded config (of its text config for multimodal models).
 
@@ -417,13 +477,20 @@ def layer_fields(
     return per_layer, index_lists
 
 
-def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: bool = False) -> Architecture:
+def detect(
+    model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: bool = False, with_transformers: bool = False
+) -> Architecture:
     """Find the layer stack of the model in ``model_dir``.
+
+    From config.json and the tensor names alone when they suffice (:func:`detect_from_files`),
+    otherwise through transformers' config class and a model built on the meta device.
 
     Args:
         model_dir: a directory with ``config.json``.
         tensor_names: the checkpoint's tensor names (from the index or the headers).
         trust_remote_code: allow a model whose code ships in its repository.
+        with_transformers: always derive through transformers (for callers that need the config
+            after the config class's derivations, such as the wide-block writer).
 
     Returns:
         The :class:`Architecture`.
@@ -444,8 +511,13 @@ def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: b
             "so its layers are not a stack of identical layers to rewrite",
             hint="rewrite its source instead: surgery apply SOURCE OUT --recipe THIS_DIR (its surgery-recipe.yaml)",
         )
-    config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    names = list(tensor_names)
     raw = read_config(model_dir)
+    if not with_transformers:
+        found = detect_from_files(raw, names)
+        if found is not None:
+            return found
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     scope: tuple[str, ...] = ()
     if text_config is not config:
@@ -472,7 +544,7 @@ def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: b
 
     model = _build_on_meta(config, trust_remote_code=trust_remote_code)
     module_path = _find_stack(model, num_layers)
-    prefix = _match_prefix(module_path, getattr(model, "base_model_prefix", ""), tensor_names, num_layers)
+    prefix = _match_prefix(module_path, getattr(model, "base_model_prefix", ""), names, num_layers)
 
     per_layer, index_lists = layer_fields(text_config.to_dict(), num_layers)
     full = config.to_dict()
@@ -487,4 +559,116 @@ def detect(model_dir: Path, tensor_names: Iterable[str], *, trust_remote_code: b
         per_layer=per_layer,
         index_lists=index_lists,
         config=full,
+    )
+
+
+def stated_layer_count(raw: dict[str, Any]) -> tuple[str, int] | None:
+    """The layer count key and value of a config.json that states its stack (see :data:`STATED_IN_CONFIG`).
+
+    Args:
+        raw: config.json as read by :func:`read_config`.
+
+    Returns:
+        ``(key, count)``, or None when only transformers' config class can tell: a model type not in
+        :data:`STATED_IN_CONFIG`, remote code (``auto_map``), a nested text config, no single layer
+        count, or a per-layer field the config class would derive that config.json lacks.
+
+    Example:
+        >>> stated_layer_count({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30})
+        ('num_hidden_layers', 30)
+        >>> stated_layer_count({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2}) is None
+        True
+    """
+    derived = STATED_IN_CONFIG.get(raw.get("model_type"))  # type: ignore[arg-type]
+    architectures = raw.get("architectures")
+    if derived is None or raw.get("auto_map") or not (isinstance(architectures, list) and len(architectures) == 1):
+        return None
+    if not _CLASS_NAME.match(architectures[0]):  # not a model class name: transformers' path names the problem
+        return None
+    if any(isinstance(raw.get(key), dict) for key in NESTED_CONFIG_KEYS):
+        return None
+    counts = {key: raw[key] for key in LAYER_COUNT_KEYS if raw.get(key) is not None}
+    if len(set(counts.values())) != 1:  # none, or keys that disagree: the config class decides
+        return None
+    key, count = next(iter(counts.items()))
+    if not is_count(count) or not 1 <= count <= MAX_POSITIONS:
+        return None
+    for field in derived:
+        value = raw.get(field)
+        if not isinstance(value, list) or (field not in INDEX_LIST_FIELDS and len(value) != count):
+            return None
+    return key, int(count)
+
+
+def stack_prefix(tensor_names: Iterable[str], num_layers: int) -> str | None:
+    """The one tensor-name prefix ``P`` whose ``P.<i>.`` names cover layers ``0..num_layers-1`` alike.
+
+    Args:
+        tensor_names: the checkpoint's tensor names.
+        num_layers: the layer count from the config.
+
+    Returns:
+        The prefix, or None unless exactly one prefix has exactly those layers, each with the same
+        tensor names (identical blocks); an encoder-decoder or a checkpoint with layers missing is
+        left to the transformers path, which names the problem.
+
+    Example:
+        >>> stack_prefix(["model.embed.weight", "model.layers.0.w", "model.layers.1.w", "lm_head.weight"], 2)
+        'model.layers'
+        >>> stack_prefix(["enc.0.w", "enc.1.w", "dec.0.w", "dec.1.w"], 2) is None
+        True
+    """
+    layers: dict[str, dict[int, set[str]]] = {}
+    for name in tensor_names:
+        match = _LAYER_NAME.match(name)
+        if match:
+            layers.setdefault(match["prefix"], {}).setdefault(int(match["index"]), set()).add(match["rest"])
+    matching = [
+        prefix for prefix, by_index in layers.items()
+        if set(by_index) == set(range(num_layers)) and all(by_index[i] == by_index[0] for i in by_index)
+    ]
+    return matching[0] if len(matching) == 1 else None
+
+
+_CLASS_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+_LAYER_NAME = re.compile(r"^(?P<prefix>.+?)\.(?P<index>0|[1-9]\d*)\.(?P<rest>.+)$")
+
+
+def detect_from_files(raw: dict[str, Any], tensor_names: Iterable[str]) -> Architecture | None:
+    """The layer stack from config.json and the tensor names alone, without torch or transformers.
+
+    Args:
+        raw: config.json as read by :func:`read_config`.
+        tensor_names: the checkpoint's tensor names.
+
+    Returns:
+        The :class:`Architecture` (with ``from_files=True``), or None when the files do not settle
+        it (see :func:`stated_layer_count` and :func:`stack_prefix`); :func:`detect` then asks
+        transformers.
+
+    Example:
+        >>> raw = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}
+        >>> detect_from_files(raw, ["model.layers.0.w", "model.layers.1.w"]).layer_prefix
+        'model.layers'
+    """
+    stated = stated_layer_count(raw)
+    if stated is None:
+        return None
+    count_key, num_layers = stated
+    prefix = stack_prefix(tensor_names, num_layers)
+    if prefix is None:
+        return None
+    per_layer, index_lists = layer_fields(raw, num_layers)
+    return Architecture(
+        model_type=str(raw["model_type"]),
+        class_name=str(raw["architectures"][0]),
+        num_layers=num_layers,
+        layer_prefix=prefix,
+        module_path=prefix,
+        count_key=count_key,
+        config_scope=(),
+        per_layer=per_layer,
+        index_lists=index_lists,
+        config=json.loads(json.dumps(raw)),
+        from_files=True,
     )

@@ -71,8 +71,8 @@ class _Walker:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
-    def value(self, kind: int, key: str, depth: int = 0) -> int | None:
-        """Skip one value of ``kind``; returns it when it is a u32 (for ``general.alignment``)."""
+    def value(self, kind: int, key: str, depth: int = 0) -> int | str | None:
+        """Skip one value of ``kind``; returns it when it is a u32 (``general.alignment``) or a string."""
         if kind in _SCALAR_SIZES:
             if kind == _UINT32:
                 return self.unpack("I", f"the value of {key!r}")
@@ -80,8 +80,7 @@ class _Walker:
             self.offset += _SCALAR_SIZES[kind]
             return None
         if kind == _STRING:
-            self.string(f"the value of {key!r}")
-            return None
+            return self.string(f"the value of {key!r}")
         if kind != _ARRAY:
             raise self.fail(f"key {key!r} has unknown value type {kind}")
         if depth >= MAX_ARRAY_DEPTH:
@@ -96,6 +95,12 @@ class _Walker:
             raise self.fail(f"key {key!r} is an array of unknown type {item}")
         # Every string or array item takes at least 8 bytes (its length): bound the count first.
         self.need(count * 8, f"the {count:,} items of {key!r}")
+        if item == _STRING:  # a vocabulary: bounds-checked and skipped, not decoded (the reader decodes what it uses)
+            for _ in range(count):
+                length = self.unpack("Q", f"the length of an item of {key!r}")
+                self.need(length, f"an item of {key!r}")
+                self.offset += length
+            return None
         for _ in range(count):
             self.value(item, key, depth + 1)
         return None
@@ -135,7 +140,51 @@ def check_gguf(path: Path) -> None:
             _walk(_Walker(path, data, size), GGML_QUANT_SIZES, GGMLQuantizationType)
 
 
-def _walk(walker: _Walker, quant_sizes: dict[Any, tuple[int, int]], quant_types: Callable[[int], Any]) -> None:
+def gguf_strings(path: Path, prefix: str = "general.") -> dict[str, str]:
+    """The string values of a GGUF header whose keys start with ``prefix`` (the model's name, license ...).
+
+    Reads only the key-value section with the same bounds checks as :func:`check_gguf`, and
+    skips arrays (the tokenizer's vocabulary) without decoding them: milliseconds, where
+    ``gguf.GGUFReader`` decodes every field first.
+
+    Args:
+        path: the ``.gguf`` file.
+        prefix: keep keys starting with this.
+
+    Returns:
+        ``{key: value}`` for string-valued keys under ``prefix``.
+
+    Raises:
+        CheckpointError: not a regular file, not GGUF, or a header the file cannot hold.
+
+    Example:
+        >>> gguf_strings(Path("no/such.gguf"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        surgery.errors.CheckpointError: no/such.gguf: is missing
+    """
+    try:
+        handle, size = open_regular(path)
+    except FileNotFoundError:
+        raise CheckpointError(str(path), "is missing") from None
+    except OSError as exc:
+        raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc})") from None
+    with handle:
+        if size < 24:
+            raise CheckpointError(str(path), f"is not a GGUF file ({size} bytes, shorter than a GGUF header)")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            walker = _Walker(path, data, size)
+            _, kv_count = _preamble(walker)
+            found: dict[str, str] = {}
+            for _ in range(kv_count):
+                key = walker.string("a key")
+                value = walker.value(walker.unpack("I", f"the value type of {key!r}"), key)
+                if key.startswith(prefix) and isinstance(value, str):
+                    found[key] = value
+            return found
+
+
+def _preamble(walker: _Walker) -> tuple[int, int]:
+    """Check the magic and version; return the tensor and key-value counts, bounded by the file size."""
     if bytes(walker.data[:4]) != b"GGUF":
         raise CheckpointError(str(walker.path), "is not a GGUF file (no GGUF magic)")
     walker.offset = 4
@@ -153,6 +202,11 @@ def _walk(walker: _Walker, quant_sizes: dict[Any, tuple[int, int]], quant_types:
         raise walker.fail(f"a key-value count of {kv_count:,} in a file with {left:,} bytes left")
     if tensor_count * 24 > left:
         raise walker.fail(f"a tensor count of {tensor_count:,} in a file with {left:,} bytes left")
+    return tensor_count, kv_count
+
+
+def _walk(walker: _Walker, quant_sizes: dict[Any, tuple[int, int]], quant_types: Callable[[int], Any]) -> None:
+    tensor_count, kv_count = _preamble(walker)
     keys: set[str] = set()
     alignment = DEFAULT_ALIGNMENT
     for _ in range(kv_count):
@@ -163,7 +217,7 @@ def _walk(walker: _Walker, quant_sizes: dict[Any, tuple[int, int]], quant_types:
         kind = walker.unpack("I", f"the value type of {key!r}")
         value = walker.value(kind, key)
         if key == "general.alignment":
-            if kind != _UINT32 or value is None or value == 0 or value & (value - 1):
+            if kind != _UINT32 or not isinstance(value, int) or value == 0 or value & (value - 1):
                 raise walker.fail("general.alignment must be a u32 power of two")
             alignment = value
     tensors: list[tuple[str, int, int]] = []

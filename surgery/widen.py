@@ -575,7 +575,8 @@ def execute_parallel(
     if out is not None and not dry_run:
         check_output(out, force=force, protected=source.protected_paths())
     names, weight_map = _tensor_names(source)
-    architecture = detect(source.path, names, trust_remote_code=trust_remote_code)
+    # The wide block's config is built from the config after its class's derivations (head_dim ...).
+    architecture = detect(source.path, names, trust_remote_code=trust_remote_code, with_transformers=True)
     plan = recipe.plan
     check_mergeable(architecture, plan, names)
 

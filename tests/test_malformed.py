@@ -337,8 +337,6 @@ def test_malformed_index_is_one_line(
         pytest.param({"architectures": "LlamaForCausalLM"}, "config key 'architectures' is 'LlamaForCausalLM', not a list",
                      id="architectures-a-string"),
         pytest.param({"architectures": ["logging"]}, "cannot be built from this config.json", id="architectures-not-a-model"),
-        pytest.param({"num_attention_heads": 0}, "transformers cannot read this config (ZeroDivisionError", id="heads-zero"),
-        pytest.param({"rms_norm_eps": "small"}, "transformers cannot read this config", id="value-transformers-refuses"),
     ],
 )
 def test_malformed_config_is_one_line(
@@ -351,6 +349,27 @@ def test_malformed_config_is_one_line(
         config = json.loads((src / "config.json").read_text())
         (src / "config.json").write_text(json.dumps({**config, **change}))
     code, err = run(capsys, "prune", str(src), str(tmp_path / "out"), "--drop", "1", "-q")
+    assert_one_line_error(code, err, expected)
+    assert "config.json" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        pytest.param({"num_attention_heads": 0}, "transformers cannot read this config (ZeroDivisionError", id="heads-zero"),
+        pytest.param({"rms_norm_eps": "small"}, "transformers cannot read this config", id="value-transformers-refuses"),
+    ],
+)
+def test_config_transformers_refuses_is_one_line(
+    capsys: pytest.CaptureFixture[str], copy_model: Callable[..., Path], tmp_path: Path, change: Any, expected: str
+) -> None:
+    # A prune reads config.json without transformers and carries values it does not use over unchanged;
+    # the verbs that build the model (here a wide block) go through transformers' config class.
+    src = copy_model()
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **change}))
+    code, err = run(capsys, "parallel", str(src), str(tmp_path / "out"), "--groups", "1-2", "-q")
     assert_one_line_error(code, err, expected)
     assert "config.json" in err
     assert not (tmp_path / "out").exists()
