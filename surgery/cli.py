@@ -94,7 +94,7 @@ def _options(args: argparse.Namespace) -> api.Options:
 
 def _report(result: SurgeryResult, as_json: bool) -> None:
     if as_json:
-        body = {
+        body: dict[str, Any] = {
             "out": str(result.out) if result.out else None,
             "dry_run": result.dry_run,
             "plan": str(result.recipe.plan),

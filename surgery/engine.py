@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from exporters.safetensors import OutputTensor, layout_shards, output_dtype, write_shards
 from exporters.staging import check_output, staged_output
@@ -28,6 +28,18 @@ from surgery.plan import RECIPE_FILENAME, Recipe
 from surgery.source import Source
 
 _TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class ExportRecord(Protocol):
+    """What an export attached to a result offers: :class:`exporters.onnx.OnnxExportResult` is one
+    (declared here as a protocol because the exporters sit on a floor above the engine)."""
+
+    @property
+    def out(self) -> Path: ...
+
+    def summary(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,7 @@ class SurgeryResult:
         source_params: parameters in the source checkpoint.
         output_params: parameters in the output checkpoint.
         dry_run: True when nothing was written.
-        onnx: the ONNX export into ``OUT/onnx`` (an ``exporters.onnx.OnnxExportResult``), when asked for.
+        onnx: the ONNX export into ``OUT/onnx`` (an :class:`exporters.onnx.OnnxExportResult`), when asked for.
     """
 
     out: Path | None
@@ -52,7 +64,7 @@ class SurgeryResult:
     source_params: int | None
     output_params: int
     dry_run: bool
-    onnx: Any = None
+    onnx: ExportRecord | None = None
 
     @property
     def total_bytes(self) -> int:
