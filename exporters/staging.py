@@ -46,7 +46,7 @@ MARKER_TOOL = "layer-surgery"
 CONTENT_DIRNAME = "out"
 PREVIOUS_DIRNAME = "old"
 # What an ONNX export directory of this tool holds (exporters.onnx REPORT_FILENAME, written last, and
-# exporters.onnx_runtime ONNX_FILENAME); spelled out here because exporters.onnx imports this module.
+# exporters.onnx_session ONNX_FILENAME); spelled out here because exporters.onnx imports this module.
 ONNX_REPORT_FILENAME = "onnx-export.json"
 ONNX_GRAPH_FILENAME = "model.onnx"
 

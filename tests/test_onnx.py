@@ -20,7 +20,7 @@ import pytest
 
 import surgery
 from exporters import onnx as onnx_export
-from exporters import onnx_runtime
+from exporters import onnx_graph, onnx_parity, onnx_session
 from exporters.onnx import EXTERNAL_DATA_FILENAME, OnnxExportResult, export_onnx
 from exporters.onnx_runtime import OnnxCausalLM, cuda_problem, generate
 from surgery.cli import main
@@ -163,7 +163,7 @@ def test_wide_block_model_with_onnx_option(tiny_model: Callable[..., Path], tmp_
 def test_cli_export_onnx_with_external_data(tiny_model: Callable[..., Path], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Weights above the threshold (2 GB; 0 here) go to model.onnx_data, which ONNX Runtime reads."""
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "cli"
     assert main(["export-onnx", str(tiny_model("gpt2")), str(out), "--quiet", "--json"]) == 0
     body = json.loads(capsys.readouterr().out)
@@ -241,7 +241,7 @@ def test_untraceable_architecture(tiny_model: Callable[..., Path], tmp_path: Pat
 
         return DataDependent()
 
-    monkeypatch.setattr(onnx_export, "_decoder_wrapper", untraceable)
+    monkeypatch.setattr(onnx_graph, "_decoder_wrapper", untraceable)
     with pytest.raises(OnnxExportError) as info:
         export_onnx(tiny_model("llama"), tmp_path / "bad", quiet=True)
     assert info.value.model_type == "llama" and info.value.stage == "tracing"
@@ -269,7 +269,7 @@ def test_unsupported_architecture(tiny_model: Callable[..., Path], tmp_path: Pat
 
 def test_validation_failure_writes_nothing(tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(onnx_export, "FP32_RELATIVE_TOLERANCE", 0.0)
+    monkeypatch.setattr(onnx_parity, "FP32_RELATIVE_TOLERANCE", 0.0)
     with pytest.raises(OnnxValidationError) as info:
         export_onnx(tiny_model("gpt2"), tmp_path / "strict", quiet=True)
     assert info.value.provider == "CPUExecutionProvider" and info.value.tolerance == 0.0
@@ -334,7 +334,7 @@ def test_cuda_unavailable(tiny_onnx: Callable[..., OnnxExportResult], capsys: py
         export_onnx(directory, directory.parent / "never", device="cuda")
     _nothing_written(directory.parent, "never")
     # When the checks pass but ONNX Runtime still falls back to the CPU (it does so silently), that is caught too.
-    monkeypatch.setattr(onnx_runtime, "cuda_problem", lambda: None)
+    monkeypatch.setattr(onnx_session, "cuda_problem", lambda: None)
     with pytest.raises(CudaUnavailableError, match="fell back to CPUExecutionProvider"):
         OnnxCausalLM.load(directory, "cuda")
 
