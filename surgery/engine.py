@@ -3,9 +3,10 @@
 plan (which layers) -> architecture (where they live, how the config follows) -> engine (which
 output tensor comes from which source byte range) -> writer (``exporters.safetensors``).
 
-:func:`execute` writes plans of whole layers; plans with parallel groups are written by
-:func:`surgery.widen.execute_parallel` (one floor up) through the same :func:`plan_output` and
-:func:`write_output`. :mod:`surgery.api` chooses between the two.
+Every rewrite runs the one orchestration, :func:`run_rewrite` (check OUT, detect, check the plan,
+plan the tensors, write), given a :class:`Rewrite` saying what its kind of plan does differently:
+:data:`LAYER_REWRITE` here (:func:`execute`: plans of whole layers), the wide blocks'
+``WIDE_REWRITE`` in :mod:`surgery.widen` (one floor up). :mod:`surgery.api` chooses between the two.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from exporters.safetensors import OutputTensor, layout_shards, output_dtype, write_shards
 from exporters.staging import check_output, staged_output
 from surgery.architecture import Architecture, detect, read_config
 from surgery.checkpoint import INDEX_FILENAME, TensorEntry, read_header, read_index, read_tensor_index
 from surgery.errors import CheckpointError, PlanError, UnsupportedArchitectureError
-from surgery.plan import RECIPE_FILENAME, Recipe
+from surgery.plan import RECIPE_FILENAME, Plan, Recipe
 from surgery.source import Source
 
 _TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -193,7 +194,8 @@ def execute(
 ) -> SurgeryResult:
     """Apply a recipe without parallel groups to a source checkpoint and write the new model into ``out``.
 
-    A plan with groups is :func:`surgery.widen.execute_parallel`'s (``surgery.api`` dispatches).
+    A plan with groups is :func:`surgery.widen.execute_parallel`'s (``surgery.api`` dispatches);
+    both run :func:`run_rewrite`, each with its own :class:`Rewrite`.
 
     Args:
         source: from :func:`surgery.source.open_source`.
@@ -224,35 +226,101 @@ def execute(
     if recipe.plan.groups:  # never written as plain layers: wide blocks need fused weights and shipped code
         raise PlanError("surgery.engine.execute writes plans without parallel groups; "
                         "write this one with surgery.widen.execute_parallel (as surgery.api does)")
+    return run_rewrite(
+        LAYER_REWRITE, source, out, recipe, card=card, force=force, dry_run=dry_run, quiet=quiet,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+_Result = TypeVar("_Result", bound=SurgeryResult)
+
+
+@dataclass(frozen=True)
+class Rewrite(Generic[_Result]):
+    """What differs between kinds of plan; :func:`run_rewrite` is the one orchestration they share.
+
+    Attributes:
+        result_type: the result class (:class:`SurgeryResult` or a subclass).
+        check: refuses a plan this architecture cannot take: ``check(architecture, plan, tensor_names)``.
+        to_outputs: the output tensors from the needed source tensors (:func:`plan_tensors`).
+        new_config: the output ``config.json`` from the source's: ``new_config(raw, architecture, recipe)``.
+        before_files: run on the staging directory once weights and config are written (a
+            read-back check, shipped modelling code), or None.
+        skip_files: source files not copied (because ``before_files`` writes them).
+        with_transformers: derive the architecture through transformers even when config.json
+            states it (see :func:`surgery.architecture.detect`).
+    """
+
+    result_type: type[_Result]
+    check: Callable[[Architecture, Plan, list[str]], None]
+    to_outputs: Callable[[dict[str, TensorEntry], Architecture, Recipe], list[OutputTensor]]
+    new_config: Callable[[dict[str, Any], Architecture, Recipe], dict[str, Any]]
+    before_files: Callable[[Path, Architecture, Recipe], object] | None = None
+    skip_files: frozenset[str] = frozenset()
+    with_transformers: bool = False
+
+
+def run_rewrite(
+    rewrite: Rewrite[_Result],
+    source: Source,
+    out: Path | None,
+    recipe: Recipe,
+    *,
+    card: CardWriter,
+    force: bool,
+    dry_run: bool,
+    quiet: bool,
+    trust_remote_code: bool,
+) -> _Result:
+    """The one orchestration of every rewrite: check OUT, detect, check the plan, plan, write.
+
+    Args:
+        rewrite: what this kind of plan does differently (:data:`LAYER_REWRITE`, or the wide
+            blocks' in :mod:`surgery.widen`).
+        source, out, recipe, card, force, dry_run, quiet, trust_remote_code: as in :func:`execute`.
+
+    Returns:
+        The result, of ``rewrite.result_type``.
+
+    Raises:
+        PlanError, UnsupportedArchitectureError, CheckpointError, OutputExistsError: as in :func:`execute`.
+
+    Example:
+        >>> run_rewrite(LAYER_REWRITE, source, None, recipe, card=write_card, force=False, dry_run=True,
+        ...             quiet=True, trust_remote_code=False)  # doctest: +SKIP
+    """
     if out is not None and not dry_run:
         check_output(out, force=force, protected=source.protected_paths())
     names, weight_map = _tensor_names(source)
-    architecture = detect(source.path, names, trust_remote_code=trust_remote_code)
-    plan = recipe.plan
-    architecture.check_plan(plan)
-
+    architecture = detect(
+        source.path, names, trust_remote_code=trust_remote_code, with_transformers=rewrite.with_transformers
+    )
+    rewrite.check(architecture, recipe.plan, names)
     result, shards = plan_output(
-        SurgeryResult, source, out, recipe, architecture, names, weight_map, plan_tensors, dry_run=dry_run
+        rewrite.result_type, source, out, recipe, architecture, names, weight_map, rewrite.to_outputs, dry_run=dry_run
     )
     if dry_run or out is None:
         return result
-
-    raw_config = read_config(source.path)
-    new_config = architecture.rewrite_config(raw_config, plan)
-    if recipe.options.dtype is not None:
-        key = "torch_dtype" if "torch_dtype" in new_config and "dtype" not in new_config else "dtype"
-        new_config[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
-
+    new_config = rewrite.new_config(read_config(source.path), architecture, recipe)
+    before = rewrite.before_files
     write_output(
         source, out, result, shards, new_config, card=card, force=force, quiet=quiet,
-        # A stack read from config.json alone is one whose config class derives nothing more
-        # (STATED_IN_CONFIG, checked in the tests): only a derived one needs transformers to read it back.
-        before_files=None if architecture.from_files else lambda staging: _check_config_reads_back(staging, architecture, recipe),
+        before_files=None if before is None else lambda staging: before(staging, architecture, recipe),
+        skip_files=rewrite.skip_files,
     )
     return result
 
 
-_Result = TypeVar("_Result", bound=SurgeryResult)
+def layer_config(raw: dict[str, Any], architecture: Architecture, recipe: Recipe) -> dict[str, Any]:
+    """The output ``config.json`` of a plan of whole layers: layer count and per-layer fields follow the
+    plan (:meth:`~surgery.architecture.Architecture.rewrite_config`), and ``dtype`` the cast."""
+    new_config = architecture.rewrite_config(raw, recipe.plan)
+    if recipe.options.dtype is not None:
+        key = "torch_dtype" if "torch_dtype" in new_config and "dtype" not in new_config else "dtype"
+        new_config[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
+    return new_config
+
+
 
 
 def plan_output(
@@ -371,8 +439,12 @@ def write_output(
 def _check_config_reads_back(directory: Path, architecture: Architecture, recipe: Recipe) -> None:
     """Load the written config with transformers and check every per-layer field follows the plan.
 
-    This catches a config class that re-derives a per-layer list from some other field.
+    This catches a config class that re-derives a per-layer list from some other field. A stack read
+    from config.json alone needs no check (its family derives nothing more: ``STATED_IN_CONFIG``,
+    checked against transformers in the tests), so that write path never imports transformers.
     """
+    if architecture.from_files:
+        return
     from transformers import AutoConfig
 
     try:
@@ -393,3 +465,13 @@ def _check_config_reads_back(directory: Path, architecture: Architecture, recipe
                 architecture.model_type,
                 f"config field {field!r} does not read back as the plan requires after rewriting",
             )
+
+
+# Plans of whole layers: dropped, repeated, reordered.
+LAYER_REWRITE: Rewrite[SurgeryResult] = Rewrite(
+    result_type=SurgeryResult,
+    check=lambda architecture, plan, _names: architecture.check_plan(plan),
+    to_outputs=plan_tensors,
+    new_config=layer_config,
+    before_files=_check_config_reads_back,
+)

@@ -51,18 +51,16 @@ from pathlib import Path
 from typing import Any
 
 from exporters.safetensors import ComputedSource, OutputTensor, output_dtype
-from exporters.staging import check_output
-from surgery.architecture import Architecture, detect, read_config
+from surgery.architecture import Architecture
 from surgery.checkpoint import TensorEntry
 from surgery.engine import (
     _TORCH_DTYPE_NAMES,
     CardWriter,
+    Rewrite,
     SurgeryResult,
     _count,
     _human,
-    _tensor_names,
-    plan_output,
-    write_output,
+    run_rewrite,
 )
 from surgery.errors import CheckpointError, NotWideBlockError, ParallelMergeError, PlanError
 from surgery.modeling_wide import (
@@ -572,28 +570,23 @@ def execute_parallel(
         >>> from exporters.card import write_card  # doctest: +SKIP
         >>> execute_parallel(open_source(None), Path("out"), Recipe(Plan.parallel("10-13", 3, 30)), card=write_card)  # doctest: +SKIP
     """
-    if out is not None and not dry_run:
-        check_output(out, force=force, protected=source.protected_paths())
-    names, weight_map = _tensor_names(source)
+    return run_rewrite(
+        WIDE_REWRITE, source, out, recipe, card=card, force=force, dry_run=dry_run, quiet=quiet,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+# Plans with parallel groups: the engine's orchestration, with the wide blocks' checks, tensors and config.
+WIDE_REWRITE: Rewrite[ParallelResult] = Rewrite(
+    result_type=ParallelResult,
+    check=check_mergeable,
+    to_outputs=plan_parallel_tensors,
+    new_config=parallel_config,
+    before_files=lambda staging, architecture, _recipe: ship_modeling_code(staging, architecture.model_type),
+    skip_files=frozenset(SHIPPED_FILES),
     # The wide block's config is built from the config after its class's derivations (head_dim ...).
-    architecture = detect(source.path, names, trust_remote_code=trust_remote_code, with_transformers=True)
-    plan = recipe.plan
-    check_mergeable(architecture, plan, names)
-
-    result, shards = plan_output(
-        ParallelResult, source, out, recipe, architecture, names, weight_map, plan_parallel_tensors, dry_run=dry_run
-    )
-    if dry_run or out is None:
-        return result
-
-    raw_config = read_config(source.path)
-    new_config = parallel_config(raw_config, architecture, recipe)
-    write_output(
-        source, out, result, shards, new_config, card=card, force=force, quiet=quiet,
-        before_files=lambda staging: ship_modeling_code(staging, architecture.model_type),
-        skip_files=frozenset(SHIPPED_FILES),
-    )
-    return result
+    with_transformers=True,
+)
 
 
 @dataclass(frozen=True)
