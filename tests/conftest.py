@@ -92,7 +92,8 @@ def readable_tiny(tiny_model: Callable[..., Path], tmp_path_factory: pytest.Temp
 
     def make(name: str, permuted: bool = False) -> Path:
         if (name, permuted) not in made:
-            made[name, permuted] = readable(name, root / f"{name}-{permuted}", source=tiny_model(name), permuted=permuted)
+            directory = root / ("permuted" if permuted else "plain") / name  # named as the model: analyze's commands use it
+            made[name, permuted] = readable(name, directory, source=tiny_model(name), permuted=permuted)
         return made[name, permuted]
 
     return make

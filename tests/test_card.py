@@ -30,11 +30,6 @@ REPORT = {"text": "wikitext-2 test, first 512 tokens", "tokens": 512, "kl": 0.04
           "ppl_original": 11.84, "ppl_new": 13.07}
 
 
-@pytest.fixture(scope="module")
-def tiny_sharded(tiny_model: Callable[..., Path]) -> Path:
-    return tiny_model("llama", max_shard_size=40_000)
-
-
 def _params(directory: Path) -> int:
     return sum(e.numel for e in read_tensor_index(directory).values())
 

@@ -1,6 +1,6 @@
 """Push to and pull from the Hub, offline: the real ``huggingface_hub`` client against a local fake Hub.
 
-The fake (``tests/hub_server.py``) listens on 127.0.0.1; the client finds it through ``HF_ENDPOINT``,
+The fake (``tests/hub_server.py``, fixtures ``fake_hub`` and ``hub`` in tests/conftest.py) listens on 127.0.0.1; the client finds it through ``HF_ENDPOINT``,
 set after ``huggingface_hub`` was imported (so the code under test must pass the endpoint on
 itself), with ``HF_HUB_DISABLE_XET=1`` so that large files take the LFS path. ``SURGERY_LIVE_HUB=1``
 with ``HF_TOKEN`` runs the same push against the real Hub.
@@ -8,12 +8,11 @@ with ``HF_TOKEN`` runs the same push against the real Hub.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,53 +32,12 @@ from surgery.errors import (
     ModelNotFoundError,
     RejectedTokenError,
 )
+from tests.helpers import HUB_BAD_TOKEN as BAD_TOKEN
+from tests.helpers import HUB_READ_TOKEN as READ_TOKEN
+from tests.helpers import HUB_TOKEN as TOKEN
+from tests.helpers import assert_one_line_error
+from tests.helpers import digest_tree as _tree
 from tests.hub_server import FakeHub
-
-TOKEN = "hf_TestWriteToken0123456789SECRETabcdef"
-READ_TOKEN = "hf_TestReadOnlyToken0123456789SECRETxyz"
-BAD_TOKEN = "hf_NotAKnownToken0123456789SECRETqwerty"
-
-
-@pytest.fixture(scope="session")
-def fake_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
-    """The fake Hub: started once per session on a free port, stopped at the end."""
-    hub = FakeHub(tmp_path_factory.mktemp("fake-hub")).start()
-    hub.add_token(TOKEN, "tester", "write", orgs=("testorg",))
-    hub.add_token(READ_TOKEN, "reader", "read")
-    yield hub
-    hub.stop()
-
-
-@pytest.fixture
-def hub(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    """Point the client at the fake Hub, online, LFS uploads, no token anywhere unless a test sets one."""
-    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)  # read at call time by the code under test
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "hf-home"
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    fake_hub.reset_log()
-    yield fake_hub
-    fake_hub.reset_log()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _tree(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): _sha256(p) for p in sorted(directory.rglob("*"))
-            if p.is_file() and ".cache" not in p.relative_to(directory).parts}
 
 
 def _download(hub: FakeHub, repo_id: str, target: Path, token: str | None = TOKEN) -> dict[str, str]:
@@ -88,15 +46,8 @@ def _download(hub: FakeHub, repo_id: str, target: Path, token: str | None = TOKE
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("surgery: error: "), err
-    return err[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_sharded(tiny_model: Callable[..., Path]) -> Path:
-    """Tiny Llama in six shards (each layer's tensors spread over one or two of them)."""
-    return tiny_model("llama", max_shard_size=40_000)
+    """The one error line of a run that exited 2 (the exit code is asserted by the caller)."""
+    return assert_one_line_error(2, capsys.readouterr().err)
 
 
 @pytest.fixture

@@ -14,13 +14,12 @@ import json
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
 import surgery
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("surgery", "exporters")
 HEAVY = ("torch", "transformers")
 

@@ -17,13 +17,7 @@ import surgery
 from tests.reference import reference_model
 
 pytestmark = pytest.mark.real
-transformers.logging.set_verbosity_error()
 PROMPT = "The quick brown fox jumps over the lazy dog because it wants to see"
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir: Path) -> Any:
-    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +62,8 @@ def test_smollm2_identity_is_the_original(smollm2_dir: Path, smollm2: Any, smoll
 
 
 @pytest.mark.parametrize("plan", ["0-5,12-17", "0-3,11,10,9,8,7,6,5,4,12-17"])
-def test_gemma3(gemma3_dir: Path, tmp_path: Path, plan: str) -> None:
-    original = transformers.AutoModelForCausalLM.from_pretrained(gemma3_dir).eval()
+def test_gemma3(gemma3_dir: Path, gemma3: Any, tmp_path: Path, plan: str) -> None:
+    original = gemma3
     assert original.config.num_hidden_layers == 18
     assert len(set(original.config.layer_types)) == 2
     result = surgery.apply(gemma3_dir, tmp_path / "out", plan, quiet=True)

@@ -19,9 +19,9 @@ import transformers
 
 import surgery
 from tests import tiny
+from tests.helpers import outputs
 from tests.reference import cached_logits, reference_model
 
-transformers.logging.set_verbosity_error()
 RTOL, ATOL = 1e-5, 1e-6
 
 # operation name -> (API call, plan it must produce on a 6-layer model)
@@ -36,12 +36,6 @@ OPERATIONS: dict[str, tuple[Callable[[Path, Path], Any], list[int]]] = {
 
 def load(path: Path, name: str) -> Any:
     return getattr(transformers, tiny.CONFIGS[name][0]).from_pretrained(path).eval()
-
-
-def outputs(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def assert_cache_consistent(model: Any, ids: torch.Tensor, prefill: int = 8) -> None:

@@ -17,49 +17,17 @@ import torch
 import transformers
 
 import surgery
-from surgery.cli import main
 from surgery.corpus import DEFAULT_CORPUS_NAME, MIN_TOKENS, default_text, plain_play, read_texts, token_windows
 from surgery.errors import DataError, OptionError, PlanError, TokenizerMismatchError
 from surgery.plan import Plan
 from surgery.validate import Bar, Candidate, _Tally, check_bar_values, compare
 from tests import tiny
+from tests.helpers import run_cli as run
 from tests.reference import reference_model
 from tests.tiny_text import char_tokenizer, readable
 
-transformers.logging.set_verbosity_error()
 # Small budgets: tiny models cap windows at their 64 positions.
 FAST: dict[str, Any] = {"max_tokens": 256, "seq_len": 64, "prompts": 2, "new_tokens": 8, "quiet": True, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def readable_tiny(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """``readable_tiny("llama")``: a private copy of the tiny checkpoint, with a tokenizer."""
-    root = tmp_path_factory.mktemp("readable")
-    made: dict[tuple[str, bool], Path] = {}
-
-    def make(name: str, permuted: bool = False) -> Path:
-        if (name, permuted) not in made:
-            made[name, permuted] = readable(name, root / f"{name}-{permuted}", source=tiny_model(name), permuted=permuted)
-        return made[name, permuted]
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "hamlet.txt"
-    path.write_text(default_text()[3000:9000], encoding="utf-8")
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """The CLI's exit code, stdout and stderr; SystemExit (bars, usage errors) included."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- the text set --------------------------------------------------------------------------------

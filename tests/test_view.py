@@ -25,9 +25,9 @@ from surgery.plan import Plan
 from surgery.validate import greedy_continuation
 from surgery.view import ParallelStep, PlanStep, live_architecture, plan_view
 from tests import tiny
+from tests.helpers import outputs
 from tests.reference import cached_logits, parallel_reference_model, reference_model
 
-transformers.logging.set_verbosity_error()
 RTOL, ATOL = 1e-5, 1e-6
 # A plan that drops (4), repeats (3, 5) and reorders (3 before 2) at once.
 MIXED = (0, 1, 3, 3, 2, 5, 5)
@@ -44,12 +44,6 @@ OPERATIONS: dict[str, Callable[[Path, Path], surgery.SurgeryResult]] = {
 }
 
 
-def outputs(model: Any, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=ids, **kwargs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
 def cached_and_full(model: Any, ids: torch.Tensor, prefill: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of prefill + one-token cached steps, and of one uncached forward over everything."""
     with torch.no_grad():
@@ -59,18 +53,6 @@ def cached_and_full(model: Any, ids: torch.Tensor, prefill: int = 6) -> tuple[to
 
 def ids_for(seed: int = 1, length: int = 12) -> torch.Tensor:
     return torch.randint(3, tiny.VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def tiny_models() -> Callable[[str], Any]:
-    built: dict[str, Any] = {}
-
-    def get(name: str) -> Any:
-        if name not in built:
-            built[name] = tiny.build(name)
-        return built[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", list(tiny.CONFIGS))
@@ -297,11 +279,6 @@ SMOLLM2_OPERATIONS: dict[str, Callable[[Path, Path], surgery.SurgeryResult]] = {
     "shuffle": lambda src, out: surgery.reorder(src, out, shuffle="4-25", seed=1, quiet=True),
     "apply": lambda src, out: surgery.apply(src, out, "0-9,21-29,21-23", quiet=True),
 }
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir: Path) -> Any:
-    return transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
