@@ -19,46 +19,14 @@ import transformers
 
 import surgery
 from surgery.analyze import residual_stream
-from surgery.cli import main
-from surgery.corpus import default_text
 from surgery.errors import OptionError
 from surgery.plan import ParallelGroup, Plan
 from surgery.sweep import PAINTERS_VARIANTS, drop_window_plans, middle_layers, painters_plans
 from tests import tiny
-from tests.tiny_text import readable
+from tests.helpers import run_cli as run
 
-transformers.logging.set_verbosity_error()
 FAST: dict[str, Any] = {"max_tokens": 192, "seq_len": 64, "quiet": True, "device": "cpu"}
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def readable_tiny(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    root = tmp_path_factory.mktemp("readable")
-    made: dict[str, Path] = {}
-
-    def make(name: str) -> Path:
-        if name not in made:
-            made[name] = readable(name, root / name, source=tiny_model(name))
-        return made[name]
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "hamlet.txt"
-    path.write_text(default_text()[20000:26000], encoding="utf-8")
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- analyze ------------------------------------------------------------------------------------------
@@ -123,7 +91,8 @@ def test_analyze_cli_prints_candidates_writes_plots_and_json(
     code, out, err = run(capsys, "analyze", model, "--drop-count", "3", "--plots", str(tmp_path / "p"), *common)
     assert code == 0, err
     assert "drop candidates: blocks of 3" in out and "--drop" in out and "Block Influence" in out
-    assert (tmp_path / "p" / "similarity.png").exists() and (tmp_path / "p" / "block-influence.png").exists()
+    for plot in ("similarity.png", "block-influence.png"):
+        assert (tmp_path / "p" / plot).read_bytes().startswith(PNG), plot
     code, out, err = run(capsys, "analyze", model, "--json", "--no-plots", "--top", "2", *common)
     body = json.loads(out)
     assert code == 0 and body["drop_count"] == 1 and len(body["candidates"]) == 2 and body["plots"] == {}
@@ -133,8 +102,18 @@ def test_analyze_cli_prints_candidates_writes_plots_and_json(
 
 
 def test_analyze_encoder(readable_tiny: Callable[[str], Path], text_file: Path) -> None:
+    """BERT's Block Influence equals a direct computation from its hidden states (no final norm to undo)."""
+    from surgery.corpus import read_texts, token_windows
+
     report = surgery.analyze(readable_tiny("bert"), drop_count=1, data=text_file, **FAST)
-    assert len(report.block_influence) == tiny.NUM_LAYERS and all(0 <= b <= 2 for b in report.block_influence)
+    assert len(report.block_influence) == tiny.NUM_LAYERS
+    model = transformers.BertModel.from_pretrained(readable_tiny("bert")).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(readable_tiny("bert"))
+    windows = token_windows(tokenizer, read_texts(text_file), seq_len=64, max_tokens=192, special_tokens=True)
+    with torch.no_grad():
+        x = torch.stack(model(input_ids=windows, output_hidden_states=True).hidden_states).double()
+    bi = 1 - torch.nn.functional.cosine_similarity(x[:-1], x[1:], dim=-1).mean((1, 2))
+    assert report.block_influence == pytest.approx(bi.tolist(), rel=1e-4)
 
 
 @pytest.mark.real
@@ -224,7 +203,7 @@ def test_sweep_cli(readable_tiny: Callable[[str], Path], text_file: Path, tmp_pa
     common = ["--data", str(text_file), "--max-tokens", "128", "-q"]
     code, out, err = run(capsys, "sweep", model, "--painters", "--seeds", "0", "--out", str(tmp_path / "s"), *common)
     assert code == 0, err
-    assert "cos(emb)" in out and "middle repeat" in out and (tmp_path / "s" / "sweep.png").exists()
+    assert "cos(emb)" in out and "middle repeat" in out and (tmp_path / "s" / "sweep.png").read_bytes().startswith(PNG)
     assert "looped parallel" in out and "0-1,[2-4]x3,5" in out  # BERT: the average of the post-norm outputs
     code, out, err = run(capsys, "sweep", model, "--plan", "0,5", "--plan", "0-4", "--json", "--out", str(tmp_path / "c"), *common)
     assert code == 0 and [r["plan"] for r in json.loads(out)["rows"]] == ["0,5", "0-4"]

@@ -13,22 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.cli import main
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, expected: str) -> None:
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("surgery: error:")
-    assert expected in lines[0], lines[0]
-    assert "Traceback" not in err
+from tests.helpers import assert_one_line_error, digest_tree
+from tests.helpers import run_cli as run
 
 
 @pytest.fixture
@@ -142,24 +128,31 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str], tiny_mode
 
 
 def test_verbs_write_what_the_api_writes(capsys: pytest.CaptureFixture[str], tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    """Each verb's output is byte for byte the output of the API call it stands for (and has the expected plan)."""
+    import surgery
+
     src = str(tiny_model("llama"))
     cases = {
-        "prune": ["--drop", "1-2"], "keep": ["--keep", "0,3-5"], "repeat": ["--layers", "2-3", "--times", "3"],
-        "reverse": ["--reverse", "1-4"], "shuffle": ["--shuffle", "1-4", "--seed", "5"], "order": ["--order", "1,0,2-5"],
-        "apply": ["--layers", "0-2,2,5"],
+        "prune": (["--drop", "1-2"], lambda out: surgery.prune(src, out, drop="1-2", quiet=True), "0,3-5"),
+        "keep": (["--keep", "0,3-5"], lambda out: surgery.prune(src, out, keep="0,3-5", quiet=True), "0,3-5"),
+        "repeat": (["--layers", "2-3", "--times", "3"], lambda out: surgery.repeat(src, out, layers="2-3", times=3, quiet=True),
+                   "0-3,2-3,2-5"),
+        "reverse": (["--reverse", "1-4"], lambda out: surgery.reorder(src, out, reverse="1-4", quiet=True), "0,4,3,2,1,5"),
+        "shuffle": (["--shuffle", "1-4", "--seed", "5"], lambda out: surgery.reorder(src, out, shuffle="1-4", seed=5, quiet=True),
+                    str(surgery.Plan.shuffle("1-4", 5, 6))),
+        "order": (["--order", "1,0,2-5"], lambda out: surgery.reorder(src, out, order="1,0,2-5", quiet=True), "1,0,2-5"),
+        "apply": (["--layers", "0-2,2,5"], lambda out: surgery.apply(src, out, "0-2,2,5", quiet=True), "0-2,2,5"),
     }
     verbs = {"keep": "prune", "reverse": "reorder", "shuffle": "reorder", "order": "reorder"}
-    expected = {
-        "prune": "0,3-5", "keep": "0,3-5", "repeat": "0-3,2-3,2-5", "reverse": "0,4,3,2,1,5",
-        "order": "1,0,2-5", "apply": "0-2,2,5",
-    }
-    for case, extra in cases.items():
-        code, out, err = run(capsys, verbs.get(case, case), src, str(tmp_path / case), "-q", "--json", *extra)
+    for case, (extra, api_call, plan) in cases.items():
+        code, out, err = run(capsys, verbs.get(case, case), src, str(tmp_path / "cli" / case), "-q", "--json", *extra)
         assert code == 0, err
-        report = json.loads(out)
-        if case in expected:
-            assert report["plan"] == expected[case], case
-        assert f"layers: {report['plan']}" in (tmp_path / case / "surgery-recipe.yaml").read_text()
+        assert json.loads(out)["plan"] == plan, case
+        api_call(tmp_path / "api" / case)
+        written = digest_tree(tmp_path / "cli" / case)
+        assert "surgery-recipe.yaml" in written and "model.safetensors" in written, case
+        assert written == digest_tree(tmp_path / "api" / case), case
+        assert f"layers: {plan}" in (tmp_path / "cli" / case / "surgery-recipe.yaml").read_text()
 
 
 def test_dry_run_prints_the_mapping(capsys: pytest.CaptureFixture[str], tiny_model: Callable[..., Path], tmp_path: Path) -> None:
@@ -188,8 +181,10 @@ def test_console_script_end_to_end(tiny_model: Callable[..., Path], tmp_path: Pa
     ok = subprocess.run([str(exe), "prune", str(tiny_model("opt")), str(tmp_path / "out"), "--drop", "2", "-q"],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "out" / "config.json").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 5
+    assert "layers: 0-1,3-5" in (tmp_path / "out" / "surgery-recipe.yaml").read_text()
     bad = subprocess.run([str(exe), "prune", str(tiny_model("opt")), str(tmp_path / "out2"), "--drop", "2-"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "malformed layer range" in bad.stderr
+    assert_one_line_error(bad.returncode, bad.stderr, "malformed layer range")
+    assert not (tmp_path / "out2").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 @pytest.mark.real
@@ -21,4 +21,4 @@ def test_prune_and_generate(tmp_path: Path, surgery_cache: Path) -> None:
     assert "30 -> 28 layers" in done.stdout
     # Dropping layers 12-13 keeps SmolLM2's answer (measured; dropping 10-11 or 16-17 does not).
     assert "Paris" in done.stdout
-    assert (tmp_path / "out" / "surgery-recipe.yaml").exists()
+    assert "layers: 0-11,14-29" in (tmp_path / "out" / "surgery-recipe.yaml").read_text()  # the written model is the pruned one

@@ -24,14 +24,12 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from surgery import corpus
 from surgery.checkpoint import DTYPE_SIZES, INDEX_FILENAME, read_header, read_tensor_index
-from surgery.cli import main
 from surgery.corpus import read_texts
 from surgery.errors import (
     CheckpointError,
@@ -45,31 +43,16 @@ from surgery.errors import (
 )
 from surgery.gguf_header import check_gguf
 from surgery.plan import MAX_POSITIONS, ParallelGroup, Plan, Recipe, parse_ranges, parse_steps
+from tests.helpers import assert_one_line_error, run_cli
 from tests.tiny_text import readable
-
-transformers.logging.set_verbosity_error()
-
 
 # -- helpers ---------------------------------------------------------------------------------------
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     """The CLI's exit code and stderr (SystemExit included)."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *expected: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("surgery: error:"), err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
+    code, _, err = run_cli(capsys, *argv)
+    return code, err
 
 
 @contextlib.contextmanager
@@ -648,18 +631,15 @@ HEADERS = JSON_VALUES | st.dictionaries(st.text(max_size=4), NEAR_ENTRIES | JSON
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@FAST
-@given(header=HEADERS, data_size=st.integers(0, 80))
-def test_any_json_header_is_read_or_refused_with_a_checkpoint_error(header: Any, data_size: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_safetensors(Path(tmp) / "x.safetensors", header, bytes(data_size))
-        size = path.stat().st_size
-        try:
-            tensors, metadata = read_header(path)
-        except CheckpointError as exc:
-            assert str(path) in str(exc)
-            return
-    # Accepted: then every entry is consistent and inside the file, and no two share bytes.
+def _read_or_refused(path: Path, data_size: int) -> None:
+    """``read_header`` either refuses ``path`` with a CheckpointError naming it, or accepts it, and then
+    every entry is consistent and inside the file's last ``data_size`` bytes, and no two share bytes."""
+    size = path.stat().st_size
+    try:
+        tensors, metadata = read_header(path)
+    except CheckpointError as exc:
+        assert str(path) in str(exc)
+        return
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     spans = []
     for entry in tensors.values():
@@ -673,13 +653,17 @@ def test_any_json_header_is_read_or_refused_with_a_checkpoint_error(header: Any,
 
 
 @FAST
-@given(raw=st.binary(max_size=64))
-def test_any_header_bytes_are_read_or_refused_with_a_checkpoint_error(raw: bytes) -> None:
+@given(header=HEADERS, data_size=st.integers(0, 80))
+def test_any_json_header_is_read_or_refused_with_a_checkpoint_error(header: Any, data_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            read_header(write_safetensors(Path(tmp) / "x.safetensors", raw=raw))
-        except CheckpointError:
-            pass
+        _read_or_refused(write_safetensors(Path(tmp) / "x.safetensors", header, bytes(data_size)), data_size)
+
+
+@FAST
+@given(raw=st.binary(max_size=64), data_size=st.integers(0, 16))
+def test_any_header_bytes_are_read_or_refused_with_a_checkpoint_error(raw: bytes, data_size: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _read_or_refused(write_safetensors(Path(tmp) / "x.safetensors", raw=raw, data=bytes(data_size)), data_size)
 
 
 # Values that are never valid where a count, size, name or object belongs.

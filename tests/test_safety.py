@@ -24,8 +24,8 @@ import pytest
 import surgery
 from exporters.staging import MARKER_FILENAME, lock_path
 from surgery.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, assert_one_line_error
+from tests.helpers import read_tree as tree
 
 
 def cli(*argv: str, stdin: str = "", cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -36,14 +36,7 @@ def cli(*argv: str, stdin: str = "", cwd: Path | None = None, timeout: float = 2
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("surgery: warning:")]
-    assert len(lines) == 1 and lines[0].startswith("surgery: error:"), result.stderr
-    assert expected in lines[0], lines[0]
-
-
-def tree(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    assert_one_line_error(result.returncode, result.stderr, expected, ignore_warnings=True)
 
 
 # -- 4. code: nothing from a model directory runs without --trust-remote-code ---------------------
@@ -154,6 +147,8 @@ _FAILING_RUN = """
 import logging, sys, warnings
 from surgery import api
 from surgery.cli import main
+from tests.helpers import ROOT, assert_one_line_error
+from tests.helpers import read_tree as tree
 from surgery.errors import HubPushError
 
 ENDPOINT, TOKEN, ENV_TOKEN, KIND = sys.argv[1:5]
@@ -201,8 +196,10 @@ def test_errors_warnings_logs_and_progress_print_no_secret(debug: bool, kind: st
 def test_a_token_given_with_the_option_is_never_printed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     secret = "not-token-shaped-but-secret"
     code = main(["push", str(tmp_path / "missing"), "org/x", "--token", secret, "--debug"])
+    captured = capsys.readouterr()
     assert code == 2
-    assert "Traceback" in capsys.readouterr().err  # the argv is not echoed, and would be masked if it were
+    assert "Traceback" in captured.err  # the --debug traceback (it shows the call's locals nowhere)
+    assert secret not in captured.err and secret not in captured.out
     code = main(["push", str(tmp_path), "org/x", "--token", secret, "--no-such-option", secret])
     err = capsys.readouterr().err
     assert code == 2 and secret not in err and "***" in err
@@ -424,6 +421,8 @@ _KILLED_RUN = """
 import sys, time
 import surgery.engine
 from surgery.cli import main
+from tests.helpers import ROOT, assert_one_line_error
+from tests.helpers import read_tree as tree
 
 def stall(staging, *args, **kwargs):
     (staging / "model.safetensors").write_bytes(b"half")
