@@ -321,7 +321,7 @@ def test_force_refuses_a_directory_this_tool_did_not_write(
     out = tmp_path / "out"
     before = _user_directory(out)
     model = str(tiny_model("llama"))
-    for module, name in ((surgery.engine, "detect"), (surgery.widen, "detect"), (exporters.onnx, "_load")):
+    for module, name in ((surgery.engine, "detect"), (exporters.onnx, "_load")):  # every rewrite detects in engine.run_rewrite
         monkeypatch.setattr(module, name, None)  # refused at the start: any work would fail differently
     args = {"prune": ["prune", model, str(out), "--drop", "1"],
             "parallel": ["parallel", model, str(out), "--groups", "1-2"],
