@@ -33,9 +33,10 @@ if TYPE_CHECKING:
     from exporters.onnx import OnnxExportResult, export_onnx, validate_onnx
     from exporters.onnx_runtime import Generation, generate
     from surgery.analyze import AnalysisReport, analyze
-    from surgery.api import ModelInfo, Options, apply, inspect, parallel, prune, reorder, repeat, update_code
+    from surgery.api import HealOptions, ModelInfo, Options, apply, heal, inspect, parallel, prune, reorder, repeat, update_code
     from surgery.engine import SurgeryResult
     from surgery.errors import SurgeryError
+    from surgery.healing import HealReport
     from surgery.loading import MeasureOptions
     from surgery.plan import Plan, Recipe, WriteOptions
     from surgery.report import ValidationReport
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ModelInfo", "Options", "Plan", "Recipe", "SurgeryError", "SurgeryResult", "WriteOptions",
     "apply", "inspect", "parallel", "prune", "reorder", "repeat", "update_code",
+    "HealOptions", "HealReport", "heal",
     "PushResult", "push",
     "Generation", "OnnxExportResult", "export_onnx", "generate", "validate_onnx",
     "AnalysisReport", "MeasureOptions", "SweepReport", "ValidationReport", "analyze", "plan_view", "sweep", "validate",
@@ -54,8 +56,9 @@ __all__ = [
 # Where each public name lives: the one table __getattr__ reads (tests/test_imports.py checks it
 # against __all__ and the TYPE_CHECKING imports above).
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("ModelInfo", "Options", "apply", "inspect", "parallel", "prune", "reorder", "repeat",
-                     "update_code"), "surgery.api"),
+    **dict.fromkeys(("HealOptions", "ModelInfo", "Options", "apply", "heal", "inspect", "parallel", "prune", "reorder",
+                     "repeat", "update_code"), "surgery.api"),
+    "HealReport": "surgery.healing",
     **dict.fromkeys(("Plan", "Recipe", "WriteOptions"), "surgery.plan"),
     "SurgeryError": "surgery.errors",
     "SurgeryResult": "surgery.engine",

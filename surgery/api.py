@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from exporters.card import write_card
 from surgery.architecture import count_layers, detect
@@ -18,6 +18,9 @@ from surgery.modeling_wide import CodeStatus, code_status
 from surgery.plan import Plan, Recipe, WriteOptions, format_ranges, parse_size
 from surgery.source import Source, open_source
 from surgery.widen import CodeUpdate, execute_parallel, update_modeling_code
+
+if TYPE_CHECKING:
+    from surgery.healing import HealReport
 
 PathLike = str | os.PathLike[str]
 
@@ -442,3 +445,127 @@ def parallel(
         >>> # the plan: 0-9,[10-13]x3,[14-17]x3,18-29
     """
     return _run(model, out, lambda n: Plan.parallel(groups, loop, n, mlp_input=mlp_input), options)
+
+
+class HealOptions(TypedDict, total=False):
+    """Options of :func:`heal` (and ``surgery heal``); see :class:`surgery.healing.HealSettings` for the defaults.
+
+    steps, max_minutes, rank, alpha, lr, batch_size, seq_len, held_out, eval_tokens, top_k, seed:
+        the training recipe.
+    layers: NEW's blocks that get LoRA adapters, in range syntax (``"10-15"``; ``""`` for none);
+        default: the blocks around each cut of the plan.
+    full_layers: NEW's blocks trained in full, in range syntax.
+    device: ``cpu``, ``cuda`` or ``auto``.
+    text_field: the JSON field holding the text in a ``.jsonl`` file.
+    quiet, allow_pickle, trust_remote_code: as for every verb.
+    """
+
+    steps: int
+    max_minutes: float | None
+    rank: int
+    alpha: int
+    lr: float
+    batch_size: int
+    seq_len: int
+    held_out: float
+    eval_tokens: int
+    top_k: int
+    seed: int
+    layers: str | None
+    full_layers: str | None
+    device: str
+    text_field: str
+    quiet: bool
+    allow_pickle: bool
+    trust_remote_code: bool
+
+
+def heal(
+    original: PathLike | None,
+    new: PathLike | None,
+    out: PathLike | None,
+    *,
+    plan: str | Plan | None = None,
+    recipe: PathLike | Recipe | None = None,
+    data: PathLike | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    **options: Unpack[HealOptions],
+) -> HealReport:
+    """Recover what surgery cost: train NEW to match ORIGINAL by distillation (LoRA, merged), write OUT.
+
+    NEW is an output of this tool, or (``plan``/``recipe``, as for :func:`surgery.validate`) a plan
+    of ORIGINAL, written first into a temporary directory beside OUT. OUT is NEW with the trained
+    tensors replaced: the same kind of checkpoint (standard or wide-block), loading with stock
+    transformers, with the heal recipe and the held-out before/after table in its card and in
+    ``surgery-heal.json``. See :mod:`surgery.healing` for the method.
+
+    Args:
+        original: the model NEW was made from (directory, ``.gguf``, Hub id, None for the default).
+        new: an output directory of this tool (None with ``plan``/``recipe``).
+        out: the directory to write (None only with ``dry_run``).
+        plan: instead of NEW: a plan of ORIGINAL in range syntax (``"0-12,17-29"``) or a :class:`Plan`.
+        recipe: instead of NEW: a recipe file or output directory whose plan to apply.
+        data: a ``.txt``/``.jsonl`` file; None for the default corpus (Hamlet).
+        force: replace an existing OUT (only once the new one is complete).
+        dry_run: train and measure, write nothing.
+        **options: see :class:`HealOptions`.
+
+    Returns:
+        The :class:`~surgery.healing.HealReport`.
+
+    Raises:
+        OptionError: a bad option, or not exactly one of NEW / plan / recipe.
+        PlanError: NEW not made from a model with ORIGINAL's layer count, or a block outside NEW.
+        TokenizerMismatchError: different vocabularies or tokenizers.
+        DataError: an empty or too short text.
+        OutputExistsError: OUT exists and ``force`` is False.
+
+    Example:
+        >>> import surgery
+        >>> report = surgery.heal(None, "out/smol-26", "out/smol-26-healed", max_minutes=15)  # doctest: +SKIP
+        >>> print(report.table())  # doctest: +SKIP
+    """
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from surgery.healing import HealSettings, heal_checkpoint, parse_positions
+    from surgery.loading import Settings
+
+    if sum(x is not None for x in (new, plan, recipe)) != 1:
+        raise OptionError("give exactly one of NEW (an output of this tool), a plan (--plan) and a recipe (--recipe)")
+    training: dict[str, Any] = {key: options[key] for key in (
+        "steps", "max_minutes", "rank", "alpha", "lr", "batch_size", "seq_len", "held_out", "eval_tokens", "top_k", "seed",
+    ) if key in options}
+    settings = dataclasses.replace(
+        HealSettings(), **training,
+        layers=parse_positions(options.get("layers")),
+        full_layers=parse_positions(options.get("full_layers")) or (),
+    )
+    settings.check()
+    measure = Settings.from_options({
+        "device": options.get("device", "auto"), "quiet": options.get("quiet", False),
+        "text_field": options.get("text_field", "text"), "allow_pickle": options.get("allow_pickle", False),
+        "trust_remote_code": options.get("trust_remote_code", False),
+    })
+    if new is not None:
+        return heal_checkpoint(original, new, out, data=data, heal_settings=settings, measure=measure,
+                               force=force, dry_run=dry_run)
+    # A plan of ORIGINAL: written (with its card and recipe) into a private directory beside OUT, healed, removed.
+    parent = Path(out).resolve().parent if out is not None else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".surgery-heal-", dir=parent))
+    try:
+        written = scratch / "new"
+        if plan is not None:
+            apply(original, written, plan, quiet=measure.quiet, allow_pickle=measure.allow_pickle,
+                  trust_remote_code=measure.trust_remote_code)
+        else:
+            apply(original, written, recipe=recipe, quiet=measure.quiet, allow_pickle=measure.allow_pickle,
+                  trust_remote_code=measure.trust_remote_code)
+        return heal_checkpoint(original, written, out, data=data, heal_settings=settings, measure=measure,
+                               force=force, dry_run=dry_run)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -264,6 +264,23 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
 
 
+def _cmd_heal(args: argparse.Namespace) -> None:
+    paths: list[str] = args.models
+    planned = args.plan is not None or args.recipe is not None
+    if len(paths) != (2 if planned else 3):
+        raise OptionError("expected ORIGINAL NEW OUT, or ORIGINAL OUT with --plan or --recipe")
+    original, new, out = (paths[0], None, paths[1]) if planned else (paths[0], paths[1], paths[2])
+    report = api.heal(
+        None if original == "default" else original, new, out, plan=args.plan, recipe=args.recipe, data=args.data,
+        force=args.force, dry_run=args.dry_run, steps=args.steps,
+        max_minutes=None if args.max_minutes == 0 else args.max_minutes, rank=args.rank, alpha=args.alpha, lr=args.lr,
+        layers=args.layers, full_layers=args.full_layers, batch_size=args.batch_size, seq_len=args.seq_len,
+        held_out=args.held_out, eval_tokens=args.eval_tokens, top_k=args.top_k, seed=args.seed, device=args.device,
+        quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+
+
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from exporters.onnx import export_onnx
 
@@ -388,6 +405,31 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--out", default="surgery-sweep", metavar="DIR", help="where to write sweep.csv, sweep.json, sweep.png")
     swp.add_argument("--prompts", type=int, default=8, help="prompts for greedy agreement, 0 to skip (default 8)")
     swp.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    hea = verb("heal", _cmd_heal, "recover what surgery cost: distil NEW towards ORIGINAL (LoRA, merged) into OUT")
+    hea.add_argument("models", nargs="+", metavar="ORIGINAL [NEW] OUT",
+                     help="the original ('default': the embedded SmolLM2-135M), an output of this tool made from it, "
+                          "and the directory to write")
+    heal_new = hea.add_mutually_exclusive_group()
+    heal_new.add_argument("--plan", help="instead of NEW: apply this layer plan of ORIGINAL first, e.g. 0-12,17-29")
+    heal_new.add_argument("--recipe", help="instead of NEW: apply the plan of a recipe file or output directory first")
+    hea.add_argument("--data", metavar="FILE", help="a .txt file, or .jsonl with a 'text' field (default: Hamlet, shipped offline)")
+    hea.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto)")
+    hea.add_argument("--steps", type=int, default=1000, help="most optimiser steps (default 1000)")
+    hea.add_argument("--max-minutes", type=float, default=15.0, help="training time budget, 0 for none (default 15)")
+    hea.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    hea.add_argument("--alpha", type=int, default=32, help="LoRA alpha; adapters scale by alpha/rank (default 32)")
+    hea.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4; warm-up, cosine decay)")
+    hea.add_argument("--layers", help="NEW's blocks with LoRA adapters, e.g. 10-15 ('' for none; default: 3 on each side of each cut)")
+    hea.add_argument("--full-layers", help="NEW's blocks trained in full (every parameter), e.g. 12-13")
+    hea.add_argument("--batch-size", type=int, default=2, help="windows per step (default 2)")
+    hea.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    hea.add_argument("--held-out", type=float, default=0.1, help="share of the text, from its end, kept for measuring (default 0.1)")
+    hea.add_argument("--eval-tokens", type=int, default=8192, help="most held-out tokens measured (default 8192)")
+    hea.add_argument("--top-k", type=int, default=64, help="teacher probabilities kept per position (default 64)")
+    hea.add_argument("--seed", type=int, default=0, help="batch order and adapter initialisation (default 0)")
+    hea.add_argument("--force", action="store_true", help="replace OUT if it is empty or an earlier output of this tool")
+    hea.add_argument("--dry-run", action="store_true", help="train and measure, write nothing")
+
     onx = verb("export-onnx", _cmd_export_onnx, "export to ONNX with KV cache, validated against PyTorch in ONNX Runtime")
     onx.add_argument("model", metavar="MODEL", help="a checkpoint of this tool (standard or wide-block) or any supported model")
     onx.add_argument("out", metavar="OUT", help="the ONNX directory to create")

@@ -1,0 +1,657 @@
+"""Heal: train a rewritten model to match its original again, by distillation, into a physical checkpoint.
+
+ORIGINAL is the teacher and NEW (an output of this tool) the student. The text is cut into token
+windows and split in text order: the first part trains, the last part (``held_out``) only measures.
+The teacher's next-token distribution on every training window is computed once and kept as its
+top-k probabilities (renormalised); each step minimises KL(teacher_top-k || student) over a batch.
+
+What trains: LoRA adapters (``peft``) on every linear layer of the blocks around each cut of the
+plan (``layers``), optionally whole blocks (``full_layers``). The adapters are merged into the
+weights before writing, so OUT loads with stock transformers, without peft. OUT is NEW with the
+trained tensors replaced (same shards, dtype, config, tokenizer and shipped code), plus the heal
+recipe and the before/after measurement (``surgery-heal.json``, and a section of the card).
+
+The training loop runs through ``accelerate`` (one process here; ``accelerate launch`` spreads it
+over processes, each taking every n-th batch), and is deterministic on CPU for a given seed and
+``steps`` (a time budget stops at a step boundary, so the step count then depends on speed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from exporters.safetensors import ComputedSource, OutputTensor, write_shards
+from exporters.staging import check_output, staged_output
+from surgery.checkpoint import INDEX_FILENAME, read_header, read_index
+from surgery.corpus import TextSet, read_texts, token_windows
+from surgery.errors import DataError, OptionError, PlanError
+from surgery.loading import LoadedModel, Settings, check_comparable, load_model
+from surgery.metrics import Candidate, Comparison, compare
+from surgery.modeling_wide import code_status
+from surgery.plan import RECIPE_FILENAME, Plan, Recipe, format_ranges, parse_ranges
+from surgery.source import open_source
+
+if TYPE_CHECKING:
+    import torch
+
+HEAL_FILENAME = "surgery-heal.json"
+CARD_FILENAME = "README.md"
+# Blocks on each side of a cut that get adapters by default.
+DEFAULT_REACH = 3
+HEAL_SECTION = "## Healing"
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    """The training recipe (recorded in the output so the result can be reproduced).
+
+    Attributes:
+        steps: most optimiser steps.
+        max_minutes: wall-clock budget of the training loop (None: only ``steps`` bounds it).
+        rank: LoRA rank.
+        alpha: LoRA alpha (the adapter's scale is alpha / rank).
+        lr: peak learning rate (linear warm-up over the first 5% of steps, cosine decay to 10%).
+        layers: NEW's block positions that get LoRA adapters; None for the blocks around each cut.
+        full_layers: NEW's block positions trained in full (every parameter).
+        batch_size: windows per step.
+        seq_len: tokens per window.
+        held_out: the share of the text (its end) kept for measuring.
+        eval_tokens: most held-out tokens measured before and after.
+        top_k: teacher probabilities kept per position.
+        seed: which batches, in which order, and the adapters' initialisation.
+    """
+
+    steps: int = 1000
+    max_minutes: float | None = 15.0
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 5e-4
+    layers: tuple[int, ...] | None = None
+    full_layers: tuple[int, ...] = ()
+    batch_size: int = 2
+    seq_len: int = 256
+    held_out: float = 0.1
+    eval_tokens: int = 8192
+    top_k: int = 64
+    seed: int = 0
+
+    def check(self) -> None:
+        """Refuse values that cannot train.
+
+        Raises:
+            OptionError: naming the option.
+        """
+        def whole(name: str, value: object, low: int, high: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise OptionError(f"{name} must be a whole number from {low} to {high:,}, got {value!r}")
+
+        whole("steps", self.steps, 1, 10_000_000)
+        whole("rank", self.rank, 1, 4096)
+        whole("alpha", self.alpha, 1, 1_000_000)
+        whole("batch-size", self.batch_size, 1, 65_536)
+        whole("seq-len", self.seq_len, 8, 1_048_576)
+        whole("eval-tokens", self.eval_tokens, 8, 1_000_000_000)
+        whole("top-k", self.top_k, 1, 1_000_000)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise OptionError(f"seed must be a whole number, got {self.seed!r}")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and 0 < self.max_minutes < 1e6):
+            raise OptionError(f"max-minutes must be a positive number, got {self.max_minutes!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise OptionError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.held_out, (int, float)) and 0 < self.held_out < 1):
+            raise OptionError(f"held-out must be a share between 0 and 1, got {self.held_out!r}")
+
+
+@dataclass(frozen=True)
+class HealReport:
+    """What :func:`heal` did and measured.
+
+    Attributes:
+        out: the healed checkpoint (None with ``dry_run``).
+        original: how the original is named.
+        new: how NEW is named.
+        data: the text's name.
+        settings: the training recipe.
+        adapter_layers: NEW's positions that got LoRA adapters.
+        full_layers: NEW's positions trained in full.
+        trainable_params: parameters trained.
+        train_windows: training windows (of ``settings.seq_len`` tokens).
+        held_out_windows: held-out windows measured.
+        steps: optimiser steps taken.
+        stopped: why training stopped: ``steps``, ``time`` or ``interrupted``.
+        seconds: training time.
+        losses: the training loss (KL on the batch, nats) every step.
+        before: NEW against ORIGINAL on the held-out windows, before training.
+        after: the healed model against ORIGINAL on the same windows.
+    """
+
+    out: Path | None
+    original: str
+    new: str
+    data: str
+    settings: HealSettings
+    adapter_layers: tuple[int, ...]
+    full_layers: tuple[int, ...]
+    trainable_params: int
+    train_windows: int
+    held_out_windows: int
+    steps: int
+    stopped: str
+    seconds: float
+    losses: tuple[float, ...]
+    before: Comparison
+    after: Comparison
+
+    @property
+    def kl_ratio(self) -> float | None:
+        """Held-out KL after / before (lower is better)."""
+        if self.before.kl is None or self.after.kl is None or self.before.kl == 0:
+            return None
+        return self.after.kl / self.before.kl
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``--json`` and ``surgery-heal.json``)."""
+        return {
+            "out": str(self.out) if self.out else None,
+            "original": self.original,
+            "new": self.new,
+            "data": self.data,
+            "recipe": dataclasses.asdict(self.settings),
+            "adapter_layers": list(self.adapter_layers),
+            "full_layers": list(self.full_layers),
+            "trainable_params": self.trainable_params,
+            "train_windows": self.train_windows,
+            "held_out_windows": self.held_out_windows,
+            "steps": self.steps,
+            "stopped": self.stopped,
+            "seconds": round(self.seconds, 1),
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": self.losses[-1] if self.losses else None,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "kl_ratio": self.kl_ratio,
+        }
+
+    def table(self) -> str:
+        """Before/after on the held-out text, as a Markdown table."""
+        rows = [
+            ("KL(original ‖ model), nats", self.before.kl, self.after.kl, "{:.4f}"),
+            ("top-1 agreement", self.before.top1, self.after.top1, "{:.1%}"),
+            ("perplexity", self.before.ppl_new, self.after.ppl_new, "{:.2f}"),
+        ]
+        lines = ["| held-out | original | before healing | after healing |", "|---|---|---|---|"]
+        for name, before, after, fmt in rows:
+            if before is None or after is None:
+                continue
+            original = {"perplexity": self.before.ppl_original, "top-1 agreement": 1.0}.get(name, 0.0)
+            shown = fmt.format(original) if original is not None else "—"
+            lines.append(f"| {name} | {shown} | {fmt.format(before)} | {fmt.format(after)} |")
+        return "\n".join(lines)
+
+    def format(self) -> str:
+        """What the CLI prints."""
+        s = self.settings
+        lines = [
+            f"healed {self.new} against {self.original}",
+            f"text: {self.data}: {self.train_windows} training windows, {self.held_out_windows} held-out "
+            f"({s.seq_len} tokens each; the last {s.held_out:.0%} of the text is held out)",
+            f"trained: LoRA rank {s.rank} on blocks {format_ranges(self.adapter_layers) or '-'}"
+            + (f", full blocks {format_ranges(self.full_layers)}" if self.full_layers else "")
+            + f" ({self.trainable_params:,} parameters), lr {s.lr:g}, batch {s.batch_size}, seed {s.seed}",
+            f"steps: {self.steps} in {self.seconds / 60:.1f} min (stopped by {self.stopped})",
+            self.table(),
+        ]
+        if self.kl_ratio is not None:
+            lines.append(f"held-out KL after / before: {self.kl_ratio:.3f}")
+        lines.append(f"wrote {self.out}" if self.out else "nothing written")
+        return "\n".join(lines)
+
+    def card_section(self) -> str:
+        """The model card's section: the recipe and the table, so the result can be reproduced."""
+        s = self.settings
+        layers = format_ranges(self.adapter_layers) or "none"
+        full = format_ranges(self.full_layers) or "none"
+        minutes = f"{s.max_minutes:g}" if s.max_minutes is not None else "none"
+        return "\n".join([
+            HEAL_SECTION,
+            "",
+            "After the surgery, this model was trained to match the original's next-token distribution "
+            "(distillation: KL(original ‖ model) on the original's top-"
+            f"{s.top_k} probabilities) with LoRA adapters, merged into the weights. No PEFT is needed to load it.",
+            "",
+            f"- text: {self.data}; the first {1 - s.held_out:.0%} trains ({self.train_windows} windows of {s.seq_len} tokens), "
+            f"the last {s.held_out:.0%} is held out ({self.held_out_windows} windows measured)",
+            f"- LoRA rank {s.rank}, alpha {s.alpha}, on blocks {layers}; full blocks: {full}; "
+            f"{self.trainable_params:,} parameters trained",
+            f"- {self.steps} steps (at most {s.steps}, budget {minutes} min; stopped by {self.stopped}) in "
+            f"{self.seconds / 60:.1f} min, AdamW lr {s.lr:g} (warm-up, cosine), batch {s.batch_size}, seed {s.seed}",
+            f"- the full recipe and figures: `{HEAL_FILENAME}`",
+            "",
+            self.table(),
+            "",
+        ])
+
+
+def cut_positions(plan: Plan) -> list[int]:
+    """NEW's positions whose input the plan changed: where a layer does not follow its predecessor,
+    position 0 when the first layers were dropped, and ``len(plan)`` (the final norm's input) when the last were.
+
+    Example:
+        >>> cut_positions(Plan.drop("13-16", 30))
+        [13]
+        >>> cut_positions(Plan.repeat("4-5", 2, 8))
+        [6]
+        >>> cut_positions(Plan.drop("0-1,8-9", 10))
+        [0, 6]
+    """
+    mapping = [source for _, source in plan.mapping()]
+    cuts = [j for j in range(1, len(mapping)) if mapping[j] != mapping[j - 1] + 1]
+    if mapping and mapping[0] != 0:
+        cuts.insert(0, 0)
+    if mapping and mapping[-1] != plan.num_source_layers - 1:
+        cuts.append(len(mapping))
+    return cuts
+
+
+def default_layers(plan: Plan | None, num_layers: int, reach: int = DEFAULT_REACH) -> tuple[int, ...]:
+    """The blocks around each cut (``reach`` on each side); every block when the plan has no cut.
+
+    Example:
+        >>> default_layers(Plan.drop("13-16", 30), 26)
+        (10, 11, 12, 13, 14, 15)
+    """
+    cuts = cut_positions(plan) if plan is not None and not plan.groups else []
+    if not cuts:
+        return tuple(range(num_layers))
+    chosen = {j for cut in cuts for j in range(max(0, cut - reach), min(num_layers, cut + reach))}
+    return tuple(sorted(chosen))
+
+
+def _stack(model: Any) -> tuple[str, Any]:
+    """The module path and ModuleList of the model's block stack (the ModuleList with most parameters)."""
+    import torch
+
+    best: tuple[int, str, Any] | None = None
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, path, module)
+    if best is None:
+        raise PlanError(f"{type(model).__name__} has no stack of blocks to heal")
+    return best[1], best[2]
+
+
+def _teacher_targets(
+    teacher: Any, windows: torch.Tensor, top_k: int, batch_size: int, quiet: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k next-token probabilities (renormalised) and their token ids, per position."""
+    import torch
+    from tqdm.auto import tqdm
+
+    probs, ids = [], []
+    with torch.no_grad(), tqdm(total=len(windows), desc="teacher", unit="window", disable=quiet, file=sys.stderr) as bar:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            logits = teacher(input_ids=batch).logits.float()
+            p = torch.softmax(logits, dim=-1)
+            values, indices = p.topk(top_k, dim=-1)
+            probs.append(values / values.sum(-1, keepdim=True))
+            ids.append(indices.to(torch.int32))
+            bar.update(len(batch))
+    return torch.cat(probs), torch.cat(ids)
+
+
+def _distill_loss(logits: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher top-k || student) restricted to the teacher's top-k tokens."""
+    import torch
+
+    log_q = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.long())
+    return (probs * (torch.log(probs.clamp_min(1e-12)) - log_q)).sum(-1).mean()
+
+
+@contextmanager
+def _first_interrupt_stops() -> Iterator[dict[str, bool]]:
+    """Within the block, a first Ctrl-C sets ``flag["stop"]`` (training ends at the step boundary and
+    the model trained so far is measured and written); a second one raises KeyboardInterrupt (nothing written)."""
+    flag = {"stop": False}
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except ValueError:  # not the main thread: no handler can be installed
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        sys.stderr.write("\nsurgery: stopping after this step (Ctrl-C again to abort and write nothing)\n")
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _new_plan(new_dir: Path) -> Plan | None:
+    """NEW's plan against its source, from its recipe (None when it has none)."""
+    if not (new_dir / RECIPE_FILENAME).is_file():
+        return None
+    return Recipe.load(new_dir / RECIPE_FILENAME).plan
+
+
+def heal_checkpoint(
+    original: str | os.PathLike[str] | None,
+    new: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    data: str | os.PathLike[str] | None = None,
+    heal_settings: HealSettings | None = None,
+    measure: Settings | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> HealReport:
+    """Train NEW (an output of this tool) to match ORIGINAL on a text, and write the healed checkpoint.
+
+    Args:
+        original: the source model NEW was made from (directory, ``.gguf``, Hub id, None for the default).
+        new: an output directory of this tool (it holds ``surgery-recipe.yaml``).
+        out: where to write the healed model (None only with ``dry_run``).
+        data: a ``.txt``/``.jsonl`` file; None for the default corpus (Hamlet).
+        heal_settings: the training recipe (:class:`HealSettings`; defaults when None).
+        measure: device, dtype and loading permissions (:class:`~surgery.loading.Settings`).
+        force: replace an existing ``out`` (only once the new one is complete).
+        dry_run: train and measure, but write nothing.
+
+    Returns:
+        The :class:`HealReport`.
+
+    Raises:
+        OptionError: a bad training option.
+        PlanError: NEW is not an output of this tool made from a model with ORIGINAL's layer count,
+            or a layer position outside NEW.
+        TokenizerMismatchError: ORIGINAL and NEW have different vocabularies or tokenizers.
+        DataError: a text too short to give a training and a held-out window.
+        OutputExistsError: ``out`` exists and ``force`` is False.
+
+    Example:
+        >>> report = heal_checkpoint(None, "out/smol-26", "out/smol-26-healed", heal_settings=HealSettings(steps=100))  # doctest: +SKIP
+        >>> report.kl_ratio < 0.5  # doctest: +SKIP
+        True
+    """
+    hs = heal_settings or HealSettings()
+    hs.check()
+    settings = measure or Settings()
+    if out is None and not dry_run:
+        raise OptionError("give OUT, or dry_run to train and measure without writing")
+    new_source = open_source(new, quiet=settings.quiet)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and not dry_run:
+        check_output(out_path, force=force, protected=new_source.protected_paths())
+    plan = _new_plan(new_source.path)
+    if plan is None:
+        raise PlanError(f"{new}: has no {RECIPE_FILENAME}; heal takes an output of this tool (prune, repeat, ...) as NEW")
+    texts = read_texts(data, text_field=settings.text_field)
+
+    teacher = load_model(original, settings)
+    if teacher.num_layers != plan.num_source_layers:
+        raise PlanError(
+            f"NEW was made from a model with {plan.num_source_layers} layers, but ORIGINAL has {teacher.num_layers}: "
+            "pass the model NEW was made from"
+        )
+    status = code_status(new_source.path)
+    # A wide-block output runs the modelling code this tool shipped into it: trusted when it is exactly this installation's.
+    student_settings = dataclasses.replace(
+        settings, trust_remote_code=settings.trust_remote_code or bool(status is not None and status.current),
+        dtype="fp32",  # trained in fp32; written back in NEW's stored dtype
+    )
+    student = load_model(new_source.path, student_settings)
+    check_comparable(teacher, student)
+    if not teacher.causal:
+        raise PlanError(f"{type(student.model).__name__} is an encoder; heal distils next-token distributions of causal LMs")
+
+    train, held = _split_windows(teacher, texts, hs)
+    stack_path, stack = _stack(student.model)
+    num_blocks = len(stack)
+    adapter_layers = hs.layers if hs.layers is not None else default_layers(plan, num_blocks)
+    for name, positions in (("layers", adapter_layers), ("full-layers", hs.full_layers)):
+        bad = [j for j in positions if not 0 <= j < num_blocks]
+        if bad:
+            raise PlanError(f"{name}: NEW has blocks 0-{num_blocks - 1}; {bad[0]} is not one of them")
+    adapter_layers = tuple(j for j in adapter_layers if j not in set(hs.full_layers))
+
+    reference = teacher.model
+    before = _measure(reference, student.model, held, settings, "before")
+    targets = _teacher_targets(reference, train, hs.top_k, settings.batch_size, settings.quiet)
+
+    with warnings.catch_warnings():  # transformers' deprecation notices raised inside peft
+        warnings.simplefilter("ignore", FutureWarning)
+        trained, trainable, steps, stopped, seconds, losses = _train(
+            student.model, stack_path, adapter_layers, tuple(hs.full_layers), train, targets, hs, settings.quiet
+        )
+    after = _measure(reference, trained, held, settings, "after")
+
+    report = HealReport(
+        out=None, original=teacher.describe(), new=student.describe(), data=texts.name, settings=hs,
+        adapter_layers=adapter_layers, full_layers=tuple(hs.full_layers), trainable_params=trainable,
+        train_windows=len(train), held_out_windows=len(held), steps=steps, stopped=stopped, seconds=seconds,
+        losses=tuple(losses), before=before, after=after,
+    )
+    from accelerate import PartialState
+
+    if dry_run or out_path is None or not PartialState().is_main_process:  # under accelerate launch: one writer
+        return report
+    changed_prefixes = [f"{stack_path}.{j}." for j in sorted({*adapter_layers, *hs.full_layers})]
+    state = {name: tensor for name, tensor in trained.state_dict().items() if name.startswith(tuple(changed_prefixes))}
+    report = dataclasses.replace(report, out=out_path)
+    _write_healed(new_source.path, out_path, state, report, force=force, quiet=settings.quiet)
+    return report
+
+
+def _split_windows(teacher: LoadedModel, texts: TextSet, hs: HealSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every window of the text in order; the last ``held_out`` share (at most ``eval_tokens``) is held out."""
+    if teacher.tokenizer is None:
+        raise DataError(str(teacher.path), "has no tokenizer to cut the text with")
+    seq_len = min(hs.seq_len, teacher.max_positions or hs.seq_len)
+    windows = token_windows(teacher.tokenizer, texts, seq_len=seq_len, max_tokens=10**12, seed=hs.seed)
+    if len(windows) < 2:
+        raise DataError(texts.name, f"gives {len(windows)} window of {seq_len} tokens; healing needs at least 2 "
+                        "(one to train on, one held out)", hint="give a longer text or a smaller --seq-len")
+    held_count = max(1, round(len(windows) * hs.held_out))
+    train, held = windows[: len(windows) - held_count], windows[len(windows) - held_count :]
+    return train, held[: max(1, hs.eval_tokens // seq_len)]
+
+
+def _measure(reference: Any, model: Any, windows: torch.Tensor, settings: Settings, label: str) -> Comparison:
+    measurement = compare(
+        reference, [Candidate.of_model(model, label)], windows, causal=True, batch_size=settings.batch_size,
+        prompts=0, quiet=settings.quiet, description=f"held-out ({label})",
+    )
+    return measurement.comparisons[0]
+
+
+def _train(
+    model: Any,
+    stack_path: str,
+    adapter_layers: tuple[int, ...],
+    full_layers: tuple[int, ...],
+    windows: torch.Tensor,
+    targets: tuple[torch.Tensor, torch.Tensor],
+    hs: HealSettings,
+    quiet: bool,
+) -> tuple[Any, int, int, str, float, list[float]]:
+    """Attach adapters, train, merge. Returns (merged model, trainable params, steps, stopped by, seconds, losses)."""
+    import torch
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(hs.seed)
+    targets_names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name.startswith(f"{stack_path}.{j}.") for j in adapter_layers)
+    ]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if targets_names:
+        config = LoraConfig(r=hs.rank, lora_alpha=hs.alpha, lora_dropout=0.0, target_modules=targets_names, bias="none")
+        model = get_peft_model(model, config)
+    full_prefixes = tuple(f"{stack_path}.{j}." for j in full_layers)
+    for name, parameter in model.named_parameters():
+        if full_prefixes and _base_name(name).startswith(full_prefixes) and "lora_" not in name:
+            parameter.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    count = sum(p.numel() for p in trainable)
+    if not trainable:
+        raise PlanError("nothing to train: no linear layers in the chosen blocks", hint="choose blocks with --layers")
+
+    accelerator = Accelerator(cpu=not any(p.is_cuda for p in model.parameters()))
+    optimizer = torch.optim.AdamW(trainable, lr=hs.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    probs, ids = targets
+    generator = torch.Generator().manual_seed(hs.seed)
+    order: list[int] = []
+    planned = hs.steps
+    losses: list[float] = []
+    deadline = None if hs.max_minutes is None else hs.max_minutes * 60
+    stopped = "steps"
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    with _first_interrupt_stops() as flag, tqdm(
+        total=planned, desc="healing", unit="step", disable=quiet or not accelerator.is_main_process, file=sys.stderr
+    ) as bar:
+        step = 0
+        while step < planned:
+            if len(order) < hs.batch_size * accelerator.num_processes:
+                order.extend(torch.randperm(len(windows), generator=generator).tolist())
+            chosen = order[: hs.batch_size * accelerator.num_processes]
+            del order[: len(chosen)]
+            mine = chosen[accelerator.process_index :: accelerator.num_processes]
+            batch = windows[mine].to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = hs.lr * _lr_factor(step, planned)
+            logits = model(input_ids=batch).logits
+            loss = _distill_loss(logits, probs[mine].to(device), ids[mine].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            elapsed = time.perf_counter() - start
+            if deadline is not None and step == 3:  # plan the schedule on the measured speed
+                planned = max(step, min(hs.steps, int(deadline / (elapsed / step))))
+                bar.total = planned
+                bar.refresh()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(1)
+            if flag["stop"]:
+                stopped = "interrupted"
+                break
+            if deadline is not None and elapsed >= deadline:
+                stopped = "time"
+                break
+    seconds = time.perf_counter() - start
+    model = accelerator.unwrap_model(model)
+    if targets_names:
+        model = model.merge_and_unload()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.eval()
+    return model, count, len(losses), stopped, seconds, losses
+
+
+def _base_name(name: str) -> str:
+    """A parameter's name without peft's wrapping (``base_model.model.``, ``.base_layer``)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def _write_healed(new_dir: Path, out: Path, state: dict[str, Any], report: HealReport, *, force: bool, quiet: bool) -> None:
+    """OUT = NEW with the trained tensors replaced (same shards, dtype and files), plus the heal record and card section."""
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    weight_map = read_index(new_dir)
+    files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
+    shards: list[tuple[str, list[OutputTensor]]] = []
+    seen: set[str] = set()
+    for file in files:
+        header = read_header(new_dir / file)[0]
+        tensors = []
+        for entry in sorted(header.values(), key=lambda e: e.start):
+            if entry.name in state:
+                value = state[entry.name]
+                if tuple(value.shape) != tuple(entry.shape):
+                    raise PlanError(f"the healed {entry.name} has shape {tuple(value.shape)}, NEW's {tuple(entry.shape)}",
+                                    hint="this is a bug in layer-surgery: please report it")
+                tensors.append(OutputTensor(entry.name, ComputedSource(tuple(entry.shape), _constant(value), "healed"), entry.dtype))
+                seen.add(entry.name)
+            else:
+                tensors.append(OutputTensor(entry.name, entry, entry.dtype))
+        shards.append((file, tensors))
+    missing = sorted(set(state) - seen)
+    if missing:
+        raise PlanError(f"the healed tensor {missing[0]} is not in NEW's checkpoint",
+                        hint="this is a bug in layer-surgery: please report it")
+    with staged_output(out, force=force) as staging:
+        total = sum(t.nbytes for _, tensors in shards for t in tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=quiet, file=sys.stderr) as bar:
+            write_shards(staging, shards, on_bytes=bar.update)
+        for path in sorted(new_dir.rglob("*")):
+            relative = path.relative_to(new_dir)
+            if path.is_dir() or path.name in {*files, INDEX_FILENAME, CARD_FILENAME, HEAL_FILENAME} or relative.parts[0].startswith("."):
+                continue
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        (staging / HEAL_FILENAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        card = (new_dir / CARD_FILENAME).read_text(encoding="utf-8") if (new_dir / CARD_FILENAME).is_file() else ""
+        if HEAL_SECTION in card:  # healed again: the newest section replaces the old one
+            card = card[: card.index(HEAL_SECTION)].rstrip() + "\n"
+        (staging / CARD_FILENAME).write_text((card.rstrip() + "\n\n" if card else "") + report.card_section())
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+def parse_positions(text: str | None) -> tuple[int, ...] | None:
+    """``--layers 10-15`` as positions (None stays None: the default blocks).
+
+    Example:
+        >>> parse_positions("10-12,20")
+        (10, 11, 12, 20)
+        >>> parse_positions("")
+        ()
+    """
+    if text is None:
+        return None
+    if not text.strip():  # --layers '': no adapters (with --full-layers)
+        return ()
+    return tuple(parse_ranges(text))
