@@ -10,8 +10,9 @@ the ``layer_idx`` of the block's attention modules to the position just before c
 
 A parallel group ``[i-j]xR`` (Sun et al. 2024, "Transformer Layers as Painters") takes R positions,
 each a :class:`ParallelStep` that calls the K original blocks on the same input and averages
-their outputs, ``h' = (1/K) * sum_k L_k(h)``: the definition, and so the reference the wide-block
-checkpoints of :mod:`surgery.widen` are tested against. Each branch of each application writes its
+their outputs, ``h' = (1/K) * sum_k L_k(h)``: the definition, as the independent reference in the
+tests (``tests/reference.py``, which checks both this view and the wide-block checkpoints of
+:mod:`surgery.widen`) computes it too. Each branch of each application writes its
 own KV-cache slot: branch 0 the position's slot, the others slots after the last position, which
 the step adds to a ``DynamicCache`` when it first runs.
 
