@@ -238,9 +238,9 @@ def test_first_ctrl_c_stops_training_second_aborts() -> None:
 
 
 @pytest.mark.real
-def test_smollm2_heals_and_loads_with_stock_transformers(smollm2_dir: Path, tmp_path: Path) -> None:
+def test_smollm2_heals_and_loads_with_stock_transformers(smollm2_dir: Path, text_file: Path, tmp_path: Path) -> None:
     surgery.prune(smollm2_dir, tmp_path / "new", drop="13-16", quiet=True)
-    report = surgery.heal(smollm2_dir, tmp_path / "new", tmp_path / "out",
+    report = surgery.heal(smollm2_dir, tmp_path / "new", tmp_path / "out", data=text_file,  # 6,000 characters: ~25 windows
                           **{**FAST, "steps": 3, "seq_len": 64, "lr": 5e-4, "eval_tokens": 128})
     assert report.adapter_layers == (10, 11, 12, 13, 14, 15)
     model = load(tmp_path / "out")
@@ -251,9 +251,10 @@ def test_smollm2_heals_and_loads_with_stock_transformers(smollm2_dir: Path, tmp_
 
 
 @pytest.mark.real
-def test_gemma3_heal_keeps_layer_types(gemma3_dir: Path, tmp_path: Path) -> None:
+def test_gemma3_heal_keeps_layer_types(gemma3_dir: Path, text_file: Path, tmp_path: Path) -> None:
     surgery.prune(gemma3_dir, tmp_path / "new", drop="6-9", quiet=True)
-    surgery.heal(gemma3_dir, tmp_path / "new", tmp_path / "out", **{**FAST, "steps": 2, "seq_len": 64, "eval_tokens": 128})
+    surgery.heal(gemma3_dir, tmp_path / "new", tmp_path / "out", data=text_file,
+                 **{**FAST, "steps": 2, "seq_len": 64, "eval_tokens": 128})
     source_types = json.loads((gemma3_dir / "config.json").read_text())["layer_types"]
     written = json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"]
     assert written == source_types[:6] + source_types[10:]
