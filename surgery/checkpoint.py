@@ -181,6 +181,8 @@ def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
             if size > MAX_JSON_BYTES:
                 raise CheckpointError(str(path), f"is {size:,} bytes, over the {MAX_JSON_BYTES:,}-byte limit for a {what}")
             raw = handle.read(MAX_JSON_BYTES + 1)
+    except CheckpointError:  # raised above; an OSError too, so it must pass the next handlers unwrapped
+        raise
     except FileNotFoundError:
         raise CheckpointError(str(path), "is missing") from None
     except OSError as exc:
@@ -240,6 +242,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             if length > _MAX_HEADER or 8 + length > size:
                 raise CheckpointError(str(path), f"corrupt safetensors header (claims {length} header bytes in a {size}-byte file)")
             raw = handle.read(length)
+    except CheckpointError:  # raised above; an OSError too, so it must pass the next handlers unwrapped
+        raise
     except FileNotFoundError:
         raise CheckpointError(str(path), "is missing") from None
     except NotRegularFileError as exc:

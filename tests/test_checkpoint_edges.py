@@ -358,11 +358,6 @@ def test_read_header_errors_name_the_file(tmp_path: Path) -> None:
     assert "corrupt safetensors header (claims 1000 header bytes in a 50-byte file)" in str(checkpoint_error(read_header, path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a CheckpointError raised inside read_header's and read_json_object's try blocks is an OSError, "
-    "so their `except OSError` wraps it again: 'PATH: cannot be read (PATH: REASON)'",
-)
 def test_errors_raised_while_reading_name_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import surgery.checkpoint
     from surgery.checkpoint import read_json_object

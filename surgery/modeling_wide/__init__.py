@@ -20,6 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.checkpoint import open_regular, read_json_object
+
 TEMPLATE_DIR = Path(__file__).parent
 SHIPPED_FILES = ("configuration_surgery_parallel.py", "modeling_surgery_parallel.py")
 BASE_LINE = 'BASE_MODEL_TYPE = "llama"'
@@ -112,6 +114,16 @@ class CodeStatus:
         )
 
 
+def _regular_text(path: Path) -> str | None:
+    """A shipped file's text, or None when it is not a regular file (a FIFO is not waited on) or unreadable."""
+    try:
+        handle, _ = open_regular(path)
+        with handle:
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
 def code_status(directory: Path, config: dict[str, object] | None = None) -> CodeStatus | None:
     """Compare a wide-block output's shipped files with the ones this installation ships.
 
@@ -129,13 +141,10 @@ def code_status(directory: Path, config: dict[str, object] | None = None) -> Cod
         CodeStatus(revision=2, tested_transformers='>=5.0,<5.25', current=True, missing=())
     """
     if config is None:
-        try:
-            loaded = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        try:  # the checked reader: a FIFO or device named config.json is refused, never waited on
+            config = read_json_object(directory / "config.json", "config")
+        except OSError:  # CheckpointError included: not a readable config, so not a wide-block output
             return None
-        if not isinstance(loaded, dict):
-            return None
-        config = loaded
     base = config.get(BASE_KEY)
     if not isinstance(base, str):
         return None
@@ -143,9 +152,7 @@ def code_status(directory: Path, config: dict[str, object] | None = None) -> Cod
     tested = config.get(TESTED_KEY)
     expected = render(base)
     missing = tuple(name for name in expected if not (directory / name).is_file())
-    current = not missing and all(
-        (directory / name).read_text(encoding="utf-8", errors="replace") == text for name, text in expected.items()
-    )
+    current = not missing and all(_regular_text(directory / name) == text for name, text in expected.items())
     return CodeStatus(
         revision=revision if isinstance(revision, int) and not isinstance(revision, bool) else 1,
         tested_transformers=tested if isinstance(tested, str) else None,
