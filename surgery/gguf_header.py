@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,13 @@ def check_gguf(path: Path) -> None:
     """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    with _mapped(path) as walker:
+        _walk(walker, GGML_QUANT_SIZES, GGMLQuantizationType)
+
+
+@contextmanager
+def _mapped(path: Path) -> Iterator[_Walker]:
+    """A walker over the file mapped read-only; a missing, irregular or too short file is refused."""
     try:
         handle, size = open_regular(path)
     except FileNotFoundError:
@@ -137,7 +145,7 @@ def check_gguf(path: Path) -> None:
         if size < 24:
             raise CheckpointError(str(path), f"is not a GGUF file ({size} bytes, shorter than a GGUF header)")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            _walk(_Walker(path, data, size), GGML_QUANT_SIZES, GGMLQuantizationType)
+            yield _Walker(path, data, size)
 
 
 def gguf_strings(path: Path, prefix: str = "general.") -> dict[str, str]:
@@ -162,25 +170,15 @@ def gguf_strings(path: Path, prefix: str = "general.") -> dict[str, str]:
         Traceback (most recent call last):
         surgery.errors.CheckpointError: no/such.gguf: is missing
     """
-    try:
-        handle, size = open_regular(path)
-    except FileNotFoundError:
-        raise CheckpointError(str(path), "is missing") from None
-    except OSError as exc:
-        raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc})") from None
-    with handle:
-        if size < 24:
-            raise CheckpointError(str(path), f"is not a GGUF file ({size} bytes, shorter than a GGUF header)")
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            walker = _Walker(path, data, size)
-            _, kv_count = _preamble(walker)
-            found: dict[str, str] = {}
-            for _ in range(kv_count):
-                key = walker.string("a key")
-                value = walker.value(walker.unpack("I", f"the value type of {key!r}"), key)
-                if key.startswith(prefix) and isinstance(value, str):
-                    found[key] = value
-            return found
+    with _mapped(path) as walker:
+        _, kv_count = _preamble(walker)
+        found: dict[str, str] = {}
+        for _ in range(kv_count):
+            key = walker.string("a key")
+            value = walker.value(walker.unpack("I", f"the value type of {key!r}"), key)
+            if key.startswith(prefix) and isinstance(value, str):
+                found[key] = value
+        return found
 
 
 def _preamble(walker: _Walker) -> tuple[int, int]:

@@ -188,3 +188,23 @@ def test_one_recipe_gives_one_card_wherever_it_is_written(tiny_model: Callable[.
     assert card == (tmp_path / "elsewhere" / "second" / CARD_FILENAME).read_text()
     assert "first" not in card and str(tmp_path) not in card.split("```yaml")[0]
     assert "| 4 | 4 | full_attention |\n| 5 | 1 | full_attention |" in card  # per-layer types in the map
+
+
+@pytest.mark.real
+def test_gguf_general_strings_equal_the_gguf_readers() -> None:
+    """The card reads GGUF ``general.*`` strings with the bounded header walk (milliseconds); they equal
+    what ``gguf.GGUFReader`` decodes from the embedded default model (seconds)."""
+    from gguf import GGUFReader
+
+    from surgery.gguf_header import gguf_strings
+    from surgery.source import default_model_path
+
+    path = default_model_path()
+    expected = {}
+    for key, field in GGUFReader(str(path)).fields.items():
+        if key.startswith("general."):
+            value = field.contents()
+            if isinstance(value, str):
+                expected[key] = value
+    assert expected.get("general.license") == "apache-2.0"
+    assert gguf_strings(path) == expected
