@@ -33,7 +33,19 @@ if TYPE_CHECKING:
     from exporters.onnx import OnnxExportResult, export_onnx, validate_onnx
     from exporters.onnx_runtime import Generation, generate
     from surgery.analyze import AnalysisReport, analyze
-    from surgery.api import HealOptions, ModelInfo, Options, apply, heal, inspect, parallel, prune, reorder, repeat, update_code
+    from surgery.api import (
+        HealOptions,
+        ModelInfo,
+        Options,
+        apply,
+        heal,
+        inspect,
+        parallel,
+        prune,
+        reorder,
+        repeat,
+        update_code,
+    )
     from surgery.engine import SurgeryResult
     from surgery.errors import SurgeryError
     from surgery.healing import HealReport
