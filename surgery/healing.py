@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporters.safetensors import ComputedSource, OutputTensor, write_shards
 from exporters.staging import check_output, staged_output
-from surgery.checkpoint import INDEX_FILENAME, read_header, read_index
+from surgery.checkpoint import read_header, read_index
 from surgery.corpus import TextSet, read_texts, token_windows
 from surgery.errors import DataError, OptionError, PlanError
 from surgery.loading import LoadedModel, Settings, check_comparable, load_model
@@ -623,11 +623,12 @@ def _write_healed(new_dir: Path, out: Path, state: dict[str, Any], report: HealR
         total = sum(t.nbytes for _, tensors in shards for t in tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=quiet, file=sys.stderr) as bar:
             write_shards(staging, shards, on_bytes=bar.update)
-        for path in sorted(new_dir.rglob("*")):
-            relative = path.relative_to(new_dir)
-            if path.is_dir() or path.name in {*files, INDEX_FILENAME, CARD_FILENAME, HEAL_FILENAME} or relative.parts[0].startswith("."):
+        # The files every rewrite copies (Source.other_files: regular files only, never a FIFO or a
+        # symlink out), plus the two it writes itself and heal keeps as they are.
+        for path in [new_dir / "config.json", new_dir / RECIPE_FILENAME, *open_source(new_dir).other_files()]:
+            if path.name == HEAL_FILENAME:  # rewritten below
                 continue
-            target = staging / relative
+            target = staging / path.relative_to(new_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
         (staging / HEAL_FILENAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
