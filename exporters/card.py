@@ -422,7 +422,7 @@ def _replace_section(text: str, markers: tuple[str, str], body: str, heading: st
 
 
 def set_card_repo_id(directory: str | os.PathLike[str], repo_id: str) -> bool:
-    """Point the card's loading snippet at ``repo_id`` (the push calls this before uploading).
+    """Point the card's loading snippet (and its ``model-index`` name) at ``repo_id`` (the push calls this before uploading).
 
     Returns:
         True when the card changed; False when there is no card or no config to derive it from.
@@ -433,6 +433,11 @@ def set_card_repo_id(directory: str | os.PathLike[str], repo_id: str) -> bool:
         return False
     text = path.read_text(encoding="utf-8")
     updated = _replace_section(text, _LOAD, load_snippet(directory, repo_id), "How to load")
+    card = validate_card(updated, origin=str(path))
+    data: Any = card.data  # a ModelCardData
+    if data.eval_results and data.model_name != repo_id:  # the model-index names the published model
+        data.model_name = repo_id
+        updated = str(card)
     if updated == text:
         return False
     validate_card(updated, origin=str(path))
@@ -442,7 +447,17 @@ def set_card_repo_id(directory: str | os.PathLike[str], repo_id: str) -> bool:
 
 # -- validation results --------------------------------------------------------------------------
 
-_METRICS = ("kl", "top1", "ppl_original", "ppl_new")
+_METRICS = ("kl", "top1", "ppl_original", "ppl_new", "embedding_cosine")
+_CAUSAL = ("kl", "top1", "ppl_original", "ppl_new")
+METADATA_KEY = "layer_surgery"  # the card's YAML key holding the validation rows and the weights they measured
+_ROW_KEYS = ("text", "tokens", *_METRICS, "hidden_cosine", "greedy_agreement", "bars", "passed")
+# The metrics the model-index publishes (the source's perplexity is not a result of this model).
+_MODEL_INDEX_METRICS = (
+    ("kl", "kl_divergence", "KL(source || this model), nats/token"),
+    ("top1", "top1_agreement", "top-1 agreement with the source"),
+    ("ppl_new", "perplexity", "perplexity"),
+    ("embedding_cosine", "cosine_similarity", "embedding cosine similarity with the source"),
+)
 
 
 def _number(value: Any, key: str, origin: str) -> float | None:
@@ -453,16 +468,14 @@ def _number(value: Any, key: str, origin: str) -> float | None:
     return float(value)
 
 
-def validation_table(report: Mapping[str, Any] | Sequence[Mapping[str, Any]], origin: str = "report") -> str:
-    """The Markdown table for one validation report or several (one row per text); see
-    :func:`update_card_with_validation` for the expected shape."""
-    rows = [report] if isinstance(report, Mapping) else list(report)
+def _check_rows(report: Mapping[str, Any] | Sequence[Mapping[str, Any]], origin: str) -> list[dict[str, Any]]:
+    """The report as a list of checked rows holding only the keys the card keeps."""
+    rows = [report] if isinstance(report, Mapping) else list(report) if isinstance(report, Sequence) and not isinstance(report, str) else None
+    if rows is None:
+        raise ModelCardError(origin, f"a validation report must be a dict or a list of dicts, got {type(report).__name__}")
     if not rows:
         raise ModelCardError(origin, "the validation report is empty")
-    lines = [
-        "| text | tokens | KL(source ‖ this) ↓ | top-1 agreement ↑ | perplexity, source | perplexity, this model |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    checked = []
     for row in rows:
         if not isinstance(row, Mapping):
             raise ModelCardError(origin, f"a validation report must be a dict, got {type(row).__name__}")
@@ -477,23 +490,161 @@ def validation_table(report: Mapping[str, Any] | Sequence[Mapping[str, Any]], or
             raise ModelCardError(origin, f"'kl' cannot be negative, got {kl}")
         if top1 is not None and not 0 <= top1 <= 1:
             raise ModelCardError(origin, f"'top1' is a fraction between 0 and 1, got {top1}")
+        bars = row.get("bars")
+        if bars is not None and not (isinstance(bars, list) and all(isinstance(b, Mapping) for b in bars)):
+            raise ModelCardError(origin, f"'bars' of the report for {text!r} must be a list of dicts")
+        passed = row.get("passed")
+        if passed is not None and not isinstance(passed, bool):
+            raise ModelCardError(origin, f"'passed' of the report for {text!r} must be true or false")
+        kept = {k: row[k] for k in _ROW_KEYS if row.get(k) is not None}
+        kept["text"] = " ".join(text.split())
+        checked.append(kept)
+    return checked
+
+
+def _gate(row: Mapping[str, Any]) -> str:
+    bars = row.get("bars") or []
+    if not bars:
+        return "—"
+    parts = []
+    for bar in bars:
+        option = str(bar.get("option", "?")).replace("_", "-")
+        verdict = "met" if bar.get("passed") else "**missed**"
+        parts.append(f"{option} {bar.get('limit')}: {verdict}")
+    return "; ".join(parts)
+
+
+def validation_table(report: Mapping[str, Any] | Sequence[Mapping[str, Any]], origin: str = "report") -> str:
+    """The Markdown table for one validation report or several (one row per text); see
+    :func:`update_card_with_validation` for the expected shape.
+
+    Columns that no row has are left out: a causal LM's table has KL, top-1 and perplexities, an
+    encoder's the embedding cosine; a gate column appears once a row was measured against a gate.
+
+    Raises:
+        ModelCardError: a report of the wrong shape.
+    """
+    rows = _check_rows(report, origin)
+    formats: dict[str, tuple[str, Any]] = {
+        "kl": ("KL(source ‖ this) ↓", lambda v: f"{v:.4g}"),
+        "top1": ("top-1 agreement ↑", lambda v: f"{v:.1%}"),
+        "ppl_original": ("perplexity, source", lambda v: f"{v:.2f}"),
+        "ppl_new": ("perplexity, this model", lambda v: f"{v:.2f}"),
+        "embedding_cosine": ("embedding cosine ↑", lambda v: f"{v:.4f}"),
+    }
+    causal = any(row.get(k) is not None for row in rows for k in _CAUSAL)
+    wanted = [*(_CAUSAL if causal else ()), *(("embedding_cosine",) if any("embedding_cosine" in r for r in rows) else ())]
+    gates = any(row.get("bars") for row in rows)
+    head = ["text", "tokens", *(formats[k][0] for k in wanted), *(["gate"] if gates else [])]
+    align = ["---", "---:", *("---:" for _ in wanted), *(["---"] if gates else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    for row in rows:
         tokens = row.get("tokens")
         cells = [
-            " ".join(text.split()).replace("|", "\\|"),
-            f"{int(tokens):,}" if isinstance(tokens, int) and not isinstance(tokens, bool) else "—",
-            "—" if kl is None else f"{kl:.4g}",
-            "—" if top1 is None else f"{top1:.1%}",
-            "—" if values["ppl_original"] is None else f"{values['ppl_original']:.2f}",
-            "—" if values["ppl_new"] is None else f"{values['ppl_new']:.2f}",
+            row["text"].replace("|", "\\|"),
+            f"{tokens:,}" if isinstance(tokens, int) and not isinstance(tokens, bool) else "—",
+            *("—" if row.get(k) is None else formats[k][1](float(row[k])) for k in wanted),
+            *([_gate(row)] if gates else []),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _digest_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_identity(directory: str | os.PathLike[str]) -> dict[str, str | None]:
+    """What identifies the model a validation measured: hashes of its weights and of its recipe.
+
+    ``weights_sha256`` is the sha256 of the lines ``NAME SHA256`` of every ``*.safetensors`` file and
+    the shard index in ``directory`` (regular files, sorted by name): any changed byte of any
+    weight, and any shard added or removed, changes it.
+    ``recipe_sha256`` is the sha256 of ``surgery-recipe.yaml`` (None when there is none).
+
+    Args:
+        directory: a model directory.
+
+    Returns:
+        ``{"weights_sha256": ..., "recipe_sha256": ...}``.
+
+    Raises:
+        CheckpointError: the directory holds no safetensors weights.
+
+    Example:
+        >>> output_identity("out/smol-19")["weights_sha256"][:12]  # doctest: +SKIP
+        '3f1c0a9e77b2'
+    """
+    import hashlib
+
+    from surgery.checkpoint import INDEX_FILENAME
+
+    directory = Path(directory)
+    # Regular files only (a symlink or FIFO is never opened: the push skips them too).
+    files = sorted(p for p in directory.glob("*.safetensors") if _regular(p))
+    if not files:
+        raise CheckpointError(str(directory), "holds no .safetensors weights")
+    if _regular(directory / INDEX_FILENAME):
+        files = sorted([*files, directory / INDEX_FILENAME])
+    listing = "".join(f"{p.name} {_digest_file(p)}\n" for p in files)
+    recipe = directory / RECIPE_FILENAME
+    return {
+        "weights_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "recipe_sha256": _digest_file(recipe) if _regular(recipe) else None,
+    }
+
+
+def _regular(path: Path) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def validation_record(card: ModelCard) -> dict[str, Any] | None:
+    """The card's ``layer_surgery`` metadata (the validation rows and the identity they measured), if any."""
+    record = card.data.get(METADATA_KEY)
+    return record if isinstance(record, dict) else None
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:64].strip("-") or "text"
+
+
+def _eval_results(rows: Sequence[Mapping[str, Any]], pipeline_tag: str | None) -> list[Any]:
+    """The rows as ``huggingface_hub.EvalResult``s: what the Hub shows as this model's evaluation results."""
+    from huggingface_hub import EvalResult
+
+    task = pipeline_tag or "text-generation"
+    results = []
+    for row in rows:
+        for key, metric_type, metric_name in _MODEL_INDEX_METRICS:
+            if row.get(key) is None:
+                continue
+            results.append(EvalResult(
+                task_type=task, dataset_type=_slug(row["text"]), dataset_name=row["text"],
+                metric_type=metric_type, metric_value=float(f"{float(row[key]):.6g}"), metric_name=metric_name,
+            ))
+    return results
+
+
 def update_card_with_validation(
-    out_dir: str | os.PathLike[str], report: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    out_dir: str | os.PathLike[str],
+    report: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    identity: Mapping[str, str | None] | None = None,
+    model_name: str | None = None,
 ) -> Path:
-    """Record validation results in the output's card (the validation step calls this).
+    """Record validation results in the output's card (``surgery validate`` and ``--validate`` call this).
 
     The expected ``report`` is a dict (or a list of dicts, one per evaluation text)::
 
@@ -504,32 +655,102 @@ def update_card_with_validation(
             "top1": 0.912,           # fraction of positions whose top-1 token agrees (0..1)
             "ppl_original": 11.84,   # perplexity of the source model on the text
             "ppl_new": 13.07,        # perplexity of this model on the text
+            "embedding_cosine": 0.99,  # encoders: mean-pooled embedding cosine with the source
+            "bars": [{"option": "max_kl", "limit": 0.5, "value": 0.0421, "passed": True}],  # optional gates
+            "passed": True,          # optional: every gate met
         }
 
-    At least one of ``kl``, ``top1``, ``ppl_original``, ``ppl_new`` must be present; other keys are
-    ignored. Running it again replaces the previous table.
+    At least one of ``kl``, ``top1``, ``ppl_original``, ``ppl_new``, ``embedding_cosine`` must be
+    present; other keys are ignored. A row replaces the card's earlier row for the same text;
+    rows for other texts stay, unless they were measured on other weights or another recipe
+    (``identity``), which drops them. The card's YAML metadata gets the rows and the identity under
+    ``layer_surgery`` (what ``surgery push`` checks) and the results as the Hub's ``model-index``
+    (its evaluation results).
 
     Args:
         out_dir: an output directory written by surgery (it holds ``README.md``).
         report: the validation results, as above.
+        identity: what the measured model was (:func:`output_identity`); default: computed now.
+        model_name: the ``model-index`` name (default: the card's, else the directory's name).
 
     Returns:
         The path of the updated card.
 
     Raises:
         ModelCardError: no card in ``out_dir``, or a report of the wrong shape.
+        CheckpointError: ``out_dir`` holds no safetensors weights (with no ``identity`` given).
 
     Example:
         >>> update_card_with_validation("out/smol-19", {"text": "wikitext-2 test", "kl": 0.04,
         ...     "top1": 0.91, "ppl_original": 11.8, "ppl_new": 13.1})  # doctest: +SKIP
         PosixPath('out/smol-19/README.md')
     """
-    path = Path(out_dir) / CARD_FILENAME
-    validate_card(path)
-    table = validation_table(report, origin=str(path))
-    text = path.read_text(encoding="utf-8")
-    body = "Measured by comparing this model with its source on the same tokens:\n\n" + table
-    updated = _replace_section(text, _VALIDATION, body, "Validation")
+    directory = Path(out_dir)
+    path = directory / CARD_FILENAME
+    card = validate_card(path)
+    new_rows = _check_rows(report, str(path))
+    measured = dict(identity) if identity is not None else output_identity(directory)
+    old = validation_record(card) or {}
+    same_model = {k: old.get(k) for k in ("weights_sha256", "recipe_sha256")} == {
+        k: measured.get(k) for k in ("weights_sha256", "recipe_sha256")}
+    recorded = old.get("validation")
+    old_rows: list[Any] = recorded if same_model and isinstance(recorded, list) else []
+    by_text = {row["text"]: row for row in new_rows}
+    rows = [by_text.pop(row.get("text"), row) for row in old_rows if isinstance(row, dict)]
+    rows += [row for row in new_rows if row["text"] in by_text]
+    table = validation_table(rows, origin=str(path))
+
+    data: Any = card.data  # a ModelCardData
+    data[METADATA_KEY] = {
+        "weights_sha256": measured.get("weights_sha256"), "recipe_sha256": measured.get("recipe_sha256"),
+        "validation": rows,
+    }
+    data.model_name = model_name or data.model_name or directory.resolve().name
+    data.eval_results = _eval_results(rows, data.pipeline_tag)
+    weights = str(measured.get("weights_sha256") or "")
+    body = ("Measured by comparing this model with its source on the same tokens (`surgery validate`):\n\n" + table
+            + f"\n\nThese figures describe the weights with sha256 `{weights[:16]}…` over the safetensors files "
+            "(`layer_surgery.weights_sha256` in the metadata, with the recipe's hash); `surgery push` refuses "
+            "to publish other weights under this table.")
+    card.text = _replace_section(card.text, _VALIDATION, body, "Validation")
+    updated = str(card)
     validate_card(updated, origin=str(path))
     _write(path, updated)
     return path
+
+
+def check_validated(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Refuse to publish an output whose card records no validation, a missed gate, or other weights.
+
+    Args:
+        directory: the output directory about to be pushed.
+
+    Returns:
+        The card's ``layer_surgery`` record.
+
+    Raises:
+        UnvalidatedOutputError: no validation in the card, a missed gate, or the recipe or the
+            weights changed since the validation the card records.
+        ModelCardError: no card, or one that does not parse.
+
+    Example:
+        >>> check_validated("out/smol-19")["validation"][0]["text"]  # doctest: +SKIP
+        'Hamlet, Prince of Denmark (William Shakespeare), plain text'
+    """
+    from surgery.errors import UnvalidatedOutputError
+
+    directory = Path(directory)
+    card = validate_card(directory / CARD_FILENAME)
+    record = validation_record(card)
+    rows = record.get("validation") if record else None
+    if not record or not isinstance(rows, list) or not rows:
+        raise UnvalidatedOutputError(str(directory), "its card records no validation")
+    missed = [str(row.get("text")) for row in rows if isinstance(row, dict) and row.get("passed") is False]
+    if missed:
+        raise UnvalidatedOutputError(str(directory), f"its card records a missed gate on {', '.join(missed)}")
+    now = output_identity(directory)
+    if now["recipe_sha256"] != record.get("recipe_sha256"):
+        raise UnvalidatedOutputError(str(directory), "its recipe changed after the validation its card records")
+    if now["weights_sha256"] != record.get("weights_sha256"):
+        raise UnvalidatedOutputError(str(directory), "its weights changed after the validation its card records")
+    return record

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from exporters.card import CARD_FILENAME, set_card_repo_id, validate_card
+from exporters.card import CARD_FILENAME, check_validated, set_card_repo_id, validate_card
 from surgery.errors import (
     HubAuthError,
     HubPushError,
@@ -260,6 +260,7 @@ def push(
     token: str | None = None,
     dry_run: bool = False,
     quiet: bool = False,
+    allow_unvalidated: bool = False,
 ) -> PushResult:
     """Upload an output directory, with its model card, to a Hub model repository in one commit.
 
@@ -270,6 +271,10 @@ def push(
     same push again after an interruption sends only the files the Hub does not have yet; pushing
     unchanged files makes no new commit.
 
+    Only a validated output is published: its card must record a validation (``surgery validate``
+    or ``--validate``) that met its gates, made on the weights and recipe ``out`` holds now
+    (:func:`exporters.card.check_validated`); ``allow_unvalidated`` publishes it anyway.
+
     Args:
         out: a model directory written by surgery (``config.json``, safetensors, ``README.md``).
         repo_id: ``NAME`` (in the token owner's namespace) or ``NAMESPACE/NAME``.
@@ -279,6 +284,8 @@ def push(
         token: a Hugging Face token; default ``HF_TOKEN``, then the stored login.
         dry_run: list the files and sizes that would be uploaded; send nothing, need no token.
         quiet: no progress bars.
+        allow_unvalidated: publish even when the card records no validation, a missed gate, or
+            other weights or another recipe than ``out`` holds.
 
     Returns:
         The :class:`PushResult`.
@@ -287,6 +294,8 @@ def push(
         RepoIdError: ``repo_id`` is not a valid Hub repo id.
         NotAModelDirectoryError: ``out`` is not a model directory.
         ModelCardError: ``out`` has no card, or one that does not parse (or the Hub refuses it).
+        UnvalidatedOutputError: the card records no validation, a missed gate, or other weights or
+            recipe (checked on a dry run too; ``allow_unvalidated`` skips it).
         MissingTokenError: no token anywhere.
         RejectedTokenError: the Hub refused the token (401), or it may not write there (403).
         HubRevisionError: ``revision`` does not exist in the repository.
@@ -306,6 +315,8 @@ def push(
     files = upload_files(out)  # warns once about each file skipped
     _check_sent_files(out, files)
     validate_card(out / CARD_FILENAME)
+    if not allow_unvalidated:
+        check_validated(out)
     branch = revision or "main"
     if dry_run:
         return PushResult(repo_id=repo_id, revision=branch, files=files, private=private, dry_run=True)

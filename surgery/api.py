@@ -9,18 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-from exporters.card import write_card
+from exporters.card import CARD_FILENAME, output_identity, update_card_with_validation, write_card
 from surgery.architecture import count_layers, detect
 from surgery.checkpoint import read_json_object, read_tensor_index
 from surgery.engine import SurgeryResult, _human, _tensor_names, execute
 from surgery.errors import CheckpointError, OptionError
 from surgery.modeling_wide import CodeStatus, code_status
-from surgery.plan import Plan, Recipe, WriteOptions, format_ranges, parse_size
+from surgery.plan import RECIPE_FILENAME, Plan, Recipe, WriteOptions, format_ranges, parse_size
 from surgery.source import Source, open_source
 from surgery.widen import CodeUpdate, execute_parallel, update_modeling_code
 
 if TYPE_CHECKING:
     from surgery.healing import HealReport
+    from surgery.loading import MeasureOptions
+    from surgery.report import ValidationReport
 
 PathLike = str | os.PathLike[str]
 
@@ -40,6 +42,15 @@ class Options(TypedDict, total=False):
     token: with ``push_to_hub``, the Hugging Face token (default ``HF_TOKEN`` or the stored login).
     onnx: once the output is complete, export it to ONNX (validated) into ``OUT/onnx``
         (fp16 when ``dtype`` is fp16, else fp32; see :func:`exporters.onnx.export_onnx`).
+    validate: once the output is complete, compare it with its source (:func:`validate`): the
+        report goes into ``result.validation`` and OUT's card; with a dry run, the plan is measured
+        in memory. A missed gate leaves OUT (and its card saying so) but pushes nothing.
+    data: with ``validate``: the ``.txt``/``.jsonl`` text to measure on (default: Hamlet).
+    max_kl, min_top1, min_cosine: with ``validate``: the gates, as for :func:`validate`.
+    measure: with ``validate``: the measuring options (:class:`~surgery.loading.MeasureOptions`;
+        ``quiet``, ``allow_pickle`` and ``trust_remote_code`` default to this call's).
+    allow_unvalidated: with ``push_to_hub`` and no ``validate``: push anyway (the push otherwise
+        refuses an output whose card records no validation).
     """
 
     dtype: str | None
@@ -53,6 +64,13 @@ class Options(TypedDict, total=False):
     private: bool
     token: str | None
     onnx: bool
+    validate: bool
+    data: PathLike | None
+    max_kl: float | None
+    min_top1: float | None
+    min_cosine: float | None
+    measure: MeasureOptions
+    allow_unvalidated: bool
 
 
 def _run(model: PathLike | None, out: PathLike | None, build: Callable[[int], Plan], options: Options) -> SurgeryResult:
@@ -67,6 +85,7 @@ def _run(model: PathLike | None, out: PathLike | None, build: Callable[[int], Pl
 def _execute(source: Source, out: PathLike | None, recipe: Recipe, options: Options) -> SurgeryResult:
     """Write ``recipe``'s model: plans with parallel groups as wide blocks (:func:`~surgery.widen.execute_parallel`),
     any other through :func:`~surgery.engine.execute`; then the ONNX export and the push, if asked."""
+    _check_validate_options(options)
     _check_push_options(options)
     rewrite = execute_parallel if recipe.plan.groups else execute
     result = rewrite(
@@ -80,9 +99,9 @@ def _execute(source: Source, out: PathLike | None, recipe: Recipe, options: Opti
         card=write_card,
     )
     result = _export_onnx_if_asked(source, result, options)
+    result = _validate_if_asked(source, result, options)
     # Anything that completes the output (validation) runs before this line: the push is last.
-    _push_if_asked(result, options)
-    return result
+    return _push_if_asked(result, options)
 
 
 def _export_onnx_if_asked(source: Source, result: SurgeryResult, options: Options) -> SurgeryResult:
@@ -110,33 +129,173 @@ def _export_onnx_if_asked(source: Source, result: SurgeryResult, options: Option
     return dataclasses.replace(result, onnx=exported)
 
 
+_GATES = ("max_kl", "min_top1", "min_cosine")
+
+
+def _check_validate_options(options: Options) -> None:
+    """Refuse measuring options without ``validate``, and bad ones with it, before anything is written."""
+    given = [key for key in ("data", *_GATES, "measure") if options.get(key) not in (None, {})]
+    if not options.get("validate"):
+        if given:
+            raise OptionError(f"{', '.join(given)} apply only with validate (--validate)")
+        return
+    from surgery.bars import check_bar_values
+    from surgery.corpus import read_texts
+    from surgery.loading import Settings
+
+    check_bar_values(_gate_values(options))
+    settings = Settings.from_options(_measure_options(options))
+    read_texts(options.get("data"), text_field=settings.text_field)  # an unreadable text fails before writing
+
+
+def _gate_values(options: Options) -> dict[str, float | None]:
+    return {"max_kl": options.get("max_kl"), "min_top1": options.get("min_top1"), "min_cosine": options.get("min_cosine")}
+
+
+def _measure_options(options: Options, *, trust: bool = False) -> MeasureOptions:
+    measure: dict[str, Any] = {
+        "quiet": options.get("quiet", False), "allow_pickle": options.get("allow_pickle", False),
+        "trust_remote_code": options.get("trust_remote_code", False) or trust,
+    }
+    measure.update(options.get("measure") or {})
+    return measure  # type: ignore[return-value]  # the keys of MeasureOptions, checked by Settings
+
+
+def _validate_if_asked(source: Source, result: SurgeryResult, options: Options) -> SurgeryResult:
+    """With ``validate``: compare the output with its source (recorded in OUT's card), or on a dry run
+    the plan in memory. If measuring fails, a freshly written OUT is removed, as for the ONNX export."""
+    if not options.get("validate"):
+        return result
+    import dataclasses
+    import shutil
+
+    original = None if source.name == "default" else source.name
+    # A wide-block output runs the modelling code this run has just written: trusting it trusts this tool.
+    measure = _measure_options(options, trust=bool(result.recipe.plan.groups))
+    gates = _gate_values(options)
+    max_kl, min_top1, min_cosine = gates["max_kl"], gates["min_top1"], gates["min_cosine"]
+    if result.dry_run or result.out is None:
+        report = validate(original, plan=result.recipe.plan, data=options.get("data"), max_kl=max_kl, min_top1=min_top1,
+                          min_cosine=min_cosine, card=False, **measure)
+        return dataclasses.replace(result, validation=report)
+    try:
+        report = validate(original, result.out, data=options.get("data"), max_kl=max_kl, min_top1=min_top1,
+                          min_cosine=min_cosine, **measure)
+    except BaseException:
+        if not options.get("force", False):  # OUT did not exist before this run
+            shutil.rmtree(result.out, ignore_errors=True)
+        raise
+    return dataclasses.replace(result, validation=report)
+
+
 def _check_push_options(options: Options) -> None:
-    """Refuse push options without a target, and a bad repo id, before any work is done."""
+    """Refuse push options without a target, a bad repo id, and an unvalidated push, before any work is done."""
     repo_id = options.get("push_to_hub")
     if repo_id is None:
-        if options.get("private") or options.get("token"):
-            raise OptionError("private (--private) and token (--token) apply only with push_to_hub (--push-to-hub)")
+        if options.get("private") or options.get("token") or options.get("allow_unvalidated"):
+            raise OptionError("private (--private), token (--token) and allow_unvalidated (--allow-unvalidated) "
+                              "apply only with push_to_hub (--push-to-hub)")
         return
     from exporters.hub import check_repo_id
 
     check_repo_id(repo_id)
+    if not options.get("validate") and not options.get("allow_unvalidated"):
+        raise OptionError(
+            f"push_to_hub (--push-to-hub {repo_id}) publishes only a validated output",
+            hint="add validate (--validate) with its gates (--max-kl, --min-top1), or allow_unvalidated "
+            "(--allow-unvalidated) to push without measuring",
+        )
 
 
-def _push_if_asked(result: SurgeryResult, options: Options) -> None:
-    """Push the complete output to the Hub when ``push_to_hub`` names a repo (not on a dry run)."""
+def _push_if_asked(result: SurgeryResult, options: Options) -> SurgeryResult:
+    """Push the complete output to the Hub when ``push_to_hub`` names a repo (not on a dry run, and not
+    when ``validate`` missed a gate: then ``result.pushed`` stays None)."""
     repo_id = options.get("push_to_hub")
     if repo_id is None:
-        return
+        return result
     quiet = options.get("quiet", False)
     if result.dry_run or result.out is None:
         if not quiet:
             sys.stderr.write(f"dry run: nothing written, so nothing pushed to {repo_id}\n")
-        return
+        return result
+    if result.validation is not None and not result.validation.passed:
+        return result  # the caller reports the missed gate (the CLI: exit 1); nothing is published
+    import dataclasses
+
     from exporters.hub import push
 
-    pushed = push(result.out, repo_id, private=options.get("private", False), token=options.get("token"), quiet=quiet)
+    pushed = push(result.out, repo_id, private=options.get("private", False), token=options.get("token"), quiet=quiet,
+                  allow_unvalidated=options.get("allow_unvalidated", False))
     if not quiet:
         sys.stderr.write(f"pushed {result.out} to {pushed.url} (commit {pushed.commit})\n")
+    return dataclasses.replace(result, pushed=pushed)
+
+
+def _our_output(new: PathLike | None) -> Path | None:
+    """``new`` when it is a local output directory of this tool (its recipe and card beside the weights)."""
+    if new is None:
+        return None
+    path = Path(new)
+    return path if (path / RECIPE_FILENAME).is_file() and (path / CARD_FILENAME).is_file() else None
+
+
+def validate(
+    original: PathLike | None,
+    new: PathLike | None = None,
+    *,
+    plan: str | Plan | None = None,
+    recipe: PathLike | Recipe | None = None,
+    data: PathLike | None = None,
+    max_kl: float | None = None,
+    min_top1: float | None = None,
+    min_cosine: float | None = None,
+    card: bool = True,
+    **options: Unpack[MeasureOptions],
+) -> ValidationReport:
+    """Compare a new model with its original (:func:`surgery.validate.validate`), and record the
+    result in NEW's model card when NEW is an output of this tool.
+
+    The card gets one row per text (replacing an earlier row for the same text; rows measured on
+    other weights are dropped), the results as the Hub's ``model-index``, and the hashes of the
+    weights and recipe measured, which :func:`exporters.hub.push` checks before publishing.
+
+    Args:
+        original: the source model (directory, ``.gguf``, Hub id, or None for the default).
+        new: a checkpoint written from ``original`` (exclusive with ``plan``/``recipe``).
+        plan: a plan run in memory instead of NEW (nothing is written, no card).
+        recipe: a recipe file or output directory whose plan to run in memory.
+        data: a ``.txt`` or ``.jsonl`` file; None for the default corpus (Hamlet).
+        max_kl, min_top1, min_cosine: the gates; a missed one gives ``report.passed`` False (and is
+            recorded in the card, so the push refuses it).
+        card: record the report in NEW's card (default True; only for an output of this tool).
+        **options: see :class:`~surgery.loading.MeasureOptions`.
+
+    Returns:
+        The :class:`~surgery.report.ValidationReport`; ``report.card`` is the card it was recorded in.
+
+    Raises:
+        OptionError, PlanError, RecipeError, TokenizerMismatchError, DataError, ModelNotFoundError,
+        CheckpointError, UnsupportedArchitectureError: as :func:`surgery.validate.validate`.
+        ModelCardError: NEW's card does not parse.
+
+    Example:
+        >>> import surgery
+        >>> report = surgery.validate(None, "out/smol-19", max_kl=0.5)  # doctest: +SKIP
+        >>> report.card  # doctest: +SKIP
+        'out/smol-19/README.md'
+    """
+    import dataclasses
+
+    from surgery.validate import validate as measure
+
+    target = _our_output(new) if card else None
+    identity = output_identity(target) if target is not None else None  # the weights measured, hashed first
+    report = measure(original, new, plan=plan, recipe=recipe, data=data, max_kl=max_kl, min_top1=min_top1,
+                     min_cosine=min_cosine, **options)
+    if target is None:
+        return report
+    path = update_card_with_validation(target, report.card_row(), identity=identity)
+    return dataclasses.replace(report, card=str(path))
 
 
 def prune(

@@ -67,6 +67,13 @@ def _writing() -> argparse.ArgumentParser:
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="once OUT is complete, push it to this Hub repo (see 'surgery push')")
     hub.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     hub.add_argument("--token", help="with --push-to-hub: Hugging Face token (default: HF_TOKEN, then the stored login)")
+    hub.add_argument("--allow-unvalidated", action="store_true",
+                     help="with --push-to-hub and no --validate: push although OUT was not measured")
+    check = parent.add_argument_group("validate the output (see 'surgery validate')")
+    check.add_argument("--validate", action="store_true",
+                       help="once OUT is complete, compare it with MODEL: print the report, record it in OUT's card, "
+                       "gate the exit code (1) and the push with --max-kl / --min-top1 / --min-cosine "
+                       "(with --dry-run: the plan, in memory)")
     return parent
 
 
@@ -85,14 +92,29 @@ def _paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def _options(args: argparse.Namespace) -> api.Options:
+    # The measuring options of --validate: only those given (their defaults are the measuring verbs').
+    measure = {key: getattr(args, key) for key in _WRITING_MEASURE if getattr(args, key) is not None}
     return api.Options(
         dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force, dry_run=args.dry_run,
         quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         push_to_hub=args.push_to_hub, private=args.private, token=args.token, onnx=args.onnx,
+        validate=args.validate, data=args.data, max_kl=args.max_kl, min_top1=args.min_top1, min_cosine=args.min_cosine,
+        measure=measure,  # type: ignore[typeddict-item]  # the keys of MeasureOptions, checked by the API
+        allow_unvalidated=args.allow_unvalidated,
     )
 
 
-def _report(result: SurgeryResult, as_json: bool) -> None:
+def _report(result: SurgeryResult, args: argparse.Namespace) -> None:
+    """Print what a writing verb did (and measured, and pushed); a missed gate of --validate exits 1."""
+    _print_result(result, args.json)
+    report = result.validation
+    if report is not None and not report.passed:
+        pushed = f"; nothing pushed to {args.push_to_hub}" if args.push_to_hub and not result.dry_run else ""
+        sys.stderr.write("surgery: validation failed: " + "; ".join(report.missed) + pushed + "\n")
+        raise SystemExit(EXIT_GATE)
+
+
+def _print_result(result: SurgeryResult, as_json: bool) -> None:
     if as_json:
         body: dict[str, Any] = {
             "out": str(result.out) if result.out else None,
@@ -108,32 +130,39 @@ def _report(result: SurgeryResult, as_json: bool) -> None:
         }
         if result.onnx is not None:
             body["onnx"] = result.onnx.to_dict()
+        if result.validation is not None:
+            body["validation"] = result.validation.to_dict()
+        if result.pushed is not None:
+            body["pushed"] = result.pushed.as_dict()
         print(json.dumps(body, indent=2))
     else:
         print(result.summary())
         if result.onnx is not None:
             print(result.onnx.summary())
+        if result.validation is not None:
+            print()
+            print(result.validation.format())
 
 
 def _cmd_prune(args: argparse.Namespace) -> None:
     model, out = _paths(args)
-    _report(api.prune(model, out, drop=args.drop, keep=args.keep, **_options(args)), args.json)
+    _report(api.prune(model, out, drop=args.drop, keep=args.keep, **_options(args)), args)
 
 
 def _cmd_repeat(args: argparse.Namespace) -> None:
     model, out = _paths(args)
-    _report(api.repeat(model, out, layers=args.layers, times=args.times, **_options(args)), args.json)
+    _report(api.repeat(model, out, layers=args.layers, times=args.times, **_options(args)), args)
 
 
 def _cmd_reorder(args: argparse.Namespace) -> None:
     model, out = _paths(args)
     result = api.reorder(model, out, reverse=args.reverse, shuffle=args.shuffle, seed=args.seed, order=args.order, **_options(args))
-    _report(result, args.json)
+    _report(result, args)
 
 
 def _cmd_apply(args: argparse.Namespace) -> None:
     model, out = _paths(args)
-    _report(api.apply(model, out, args.layers, recipe=args.recipe, **_options(args)), args.json)
+    _report(api.apply(model, out, args.layers, recipe=args.recipe, **_options(args)), args)
 
 
 def _cmd_update_code(args: argparse.Namespace) -> None:
@@ -169,7 +198,7 @@ def _cmd_push(args: argparse.Namespace) -> None:
 
     result = push(
         args.out, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
-        token=args.token, dry_run=args.dry_run, quiet=args.quiet,
+        token=args.token, dry_run=args.dry_run, quiet=args.quiet, allow_unvalidated=args.allow_unvalidated,
     )
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
 
@@ -177,22 +206,46 @@ def _cmd_push(args: argparse.Namespace) -> None:
 def _cmd_parallel(args: argparse.Namespace) -> None:
     model, out = _paths(args)
     result = api.parallel(model, out, groups=args.groups, loop=args.loop, mlp_input=args.mlp_input, **_options(args))
-    _report(result, args.json)
+    _report(result, args)
 
 
-def _measuring() -> argparse.ArgumentParser:
-    """Options of the measuring verbs (validate, analyze, sweep), declared once."""
+# The measuring options a writing verb passes on to --validate (its --dtype and --seed mean other things).
+_WRITING_MEASURE = ("device", "device_map", "batch_size", "max_tokens", "seq_len", "prompts", "new_tokens")
+
+
+def _measuring(*, writing: bool = False) -> argparse.ArgumentParser:
+    """Options of the measuring verbs (validate, analyze, sweep), declared once; ``writing``: the same
+    options on the writing verbs, for --validate (defaults left to the API, and no --dtype or --seed,
+    which a writing verb uses for the cast and the shuffle)."""
+
+    def default(value: Any) -> Any:
+        return None if writing else value
+
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("measuring")
+    group = parent.add_argument_group("measuring, with --validate" if writing else "measuring")
     group.add_argument("--data", metavar="FILE", help="a .txt file, or .jsonl with a 'text' field (default: Hamlet, shipped offline)")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto: CUDA if available)")
-    group.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="weights dtype (default: as stored)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default=default("auto"), help="where to run (default auto: CUDA if available)")
+    if not writing:
+        group.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="weights dtype (default: as stored)")
     group.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                        help="spread a model too large for one device over GPUs and CPU with accelerate")
-    group.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-    group.add_argument("--max-tokens", type=int, default=4096, help="token budget drawn from the text (default 4096)")
-    group.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    group.add_argument("--seed", type=int, default=0, help="which windows are drawn from a longer text (default 0)")
+    group.add_argument("--batch-size", type=int, default=default(4), help="windows per forward pass (default 4)")
+    group.add_argument("--max-tokens", type=int, default=default(4096), help="token budget drawn from the text (default 4096)")
+    group.add_argument("--seq-len", type=int, default=default(256), help="tokens per window (default 256)")
+    if not writing:
+        group.add_argument("--seed", type=int, default=0, help="which windows are drawn from a longer text (default 0)")
+    return parent
+
+
+def _gates(*, writing: bool = False) -> argparse.ArgumentParser:
+    """The gates and the greedy-agreement options of ``validate``, declared once (also on the writing verbs)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("gates, with --validate" if writing else "gates")
+    group.add_argument("--max-kl", type=_bar_value, metavar="X", help="fail (exit 1) if mean KL(original || new) is above X")
+    group.add_argument("--min-top1", type=_bar_value, metavar="X", help="fail (exit 1) if top-1 agreement is below X (0-1)")
+    group.add_argument("--min-cosine", type=_bar_value, metavar="X", help="encoders: fail (exit 1) if embedding cosine is below X")
+    group.add_argument("--prompts", type=int, default=None if writing else 8, help="prompts for greedy agreement, 0 to skip (default 8)")
+    group.add_argument("--new-tokens", type=int, default=None if writing else 32, help="greedy tokens per prompt (default 32)")
     return parent
 
 
@@ -220,17 +273,15 @@ def _bar_value(text: str) -> float:
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
-    from surgery.validate import validate
-
     paths: list[str] = args.models
     planned = args.plan is not None or args.recipe is not None
     if len(paths) > (1 if planned else 2) or (not planned and len(paths) != 2):
         raise OptionError("expected ORIGINAL NEW, or [ORIGINAL] with --plan or --recipe")
     original = paths[0] if paths else None
     new = paths[1] if len(paths) == 2 else None
-    report = validate(
+    report = api.validate(
         original, new, plan=args.plan, recipe=args.recipe, data=args.data, max_kl=args.max_kl,
-        min_top1=args.min_top1, min_cosine=args.min_cosine, **_measure_options(args),
+        min_top1=args.min_top1, min_cosine=args.min_cosine, card=not args.no_card, **_measure_options(args),
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     if not report.passed:
@@ -314,6 +365,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``surgery`` argument parser (exposed for documentation and tests)."""
     common, writing = _common(), _writing()
+    # The writing verbs also take --validate's measuring options and gates (declared once, below).
+    writing_verb = (writing, _measuring(writing=True), _gates(writing=True))
     parser = _Parser(prog="surgery", description="Rewrite transformer checkpoints: drop, repeat and reorder layers.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
 
@@ -323,23 +376,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    prune = verb("prune", _cmd_prune, "drop layers (--drop 10-20) or keep some (--keep 0-9,21-29)", writing)
+    prune = verb("prune", _cmd_prune, "drop layers (--drop 10-20) or keep some (--keep 0-9,21-29)", *writing_verb)
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--drop", help="layers to remove, e.g. 10-20 or 3,7,10-12 (0-based, inclusive)")
     which.add_argument("--keep", help="layers to keep, e.g. 0-9,21-29")
 
-    rep = verb("repeat", _cmd_repeat, "repeat a contiguous block of layers in place", writing)
+    rep = verb("repeat", _cmd_repeat, "repeat a contiguous block of layers in place", *writing_verb)
     rep.add_argument("--layers", required=True, help="the block, e.g. 8-15")
     rep.add_argument("--times", type=int, default=2, help="how many times the block appears (default 2)")
 
-    reo = verb("reorder", _cmd_reorder, "reverse or shuffle a block, or give an explicit order", writing)
+    reo = verb("reorder", _cmd_reorder, "reverse or shuffle a block, or give an explicit order", *writing_verb)
     how = reo.add_mutually_exclusive_group(required=True)
     how.add_argument("--reverse", help="block to reverse, e.g. 4-25")
     how.add_argument("--shuffle", help="block to shuffle, e.g. 4-25 (with --seed)")
     how.add_argument("--order", help="every layer once, e.g. 0,1,3,2,4-29")
     reo.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
 
-    app = verb("apply", _cmd_apply, "apply an explicit layer plan or a recipe file", writing)
+    app = verb("apply", _cmd_apply, "apply an explicit layer plan or a recipe file", *writing_verb)
     what = app.add_mutually_exclusive_group(required=True)
     what.add_argument("--layers", help="the new layer sequence, e.g. 0-9,21-29,21-29")
     what.add_argument("--recipe", help="a recipe file, or an output directory of this tool")
@@ -359,8 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     pus.add_argument("--commit-message", metavar="TEXT", help="commit title (default: the operations and the plan)")
     pus.add_argument("--token", help="Hugging Face token (default: HF_TOKEN, then the stored login)")
     pus.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, with sizes; send nothing")
+    pus.add_argument("--allow-unvalidated", action="store_true",
+                     help="publish although OUT's card records no validation, a missed gate, or other weights or recipe")
 
-    par = verb("parallel", _cmd_parallel, "merge groups of layers into wide blocks run in parallel (--groups 10-13,14-17)", writing)
+    par = verb("parallel", _cmd_parallel, "merge groups of layers into wide blocks run in parallel (--groups 10-13,14-17)", *writing_verb)
     par.add_argument("--groups", required=True, help="consecutive layers per group, e.g. 10-13,14-17 (0-based, inclusive)")
     par.add_argument("--loop", type=int, default=1, help="apply each merged group this many times in a row (default 1)")
     par.add_argument(
@@ -368,17 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact: each branch's MLP sees its own residual (default); shared: all see h + mean attention (approximation)",
     )
     measuring = _measuring()
-    val = verb("validate", _cmd_validate, "compare a new model with its original: perplexity, KL, top-1, greedy agreement", measuring)
+    val = verb("validate", _cmd_validate, "compare a new model with its original: perplexity, KL, top-1, greedy agreement",
+               measuring, _gates())
     val.add_argument("models", nargs="*", metavar="ORIGINAL [NEW]",
                      help="the original (default: the embedded SmolLM2-135M) and a checkpoint written from it")
     how_new = val.add_mutually_exclusive_group()
     how_new.add_argument("--plan", help="instead of NEW: run this layer plan in memory, e.g. 0-9,21-29 (writes nothing)")
     how_new.add_argument("--recipe", help="instead of NEW: run the plan of a recipe file or output directory in memory")
-    val.add_argument("--max-kl", type=_bar_value, metavar="X", help="fail (exit 1) if mean KL(original || new) is above X")
-    val.add_argument("--min-top1", type=_bar_value, metavar="X", help="fail (exit 1) if top-1 agreement is below X (0-1)")
-    val.add_argument("--min-cosine", type=_bar_value, metavar="X", help="encoders: fail (exit 1) if embedding cosine is below X")
-    val.add_argument("--prompts", type=int, default=8, help="prompts for greedy agreement, 0 to skip (default 8)")
-    val.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    val.add_argument("--no-card", action="store_true",
+                     help="do not record the report in NEW's model card (recorded by default when NEW is an output of this tool)")
 
     ana = verb("analyze", _cmd_analyze, "layer similarity, Block Influence and angular distance; ranked drop candidates", measuring)
     ana.add_argument("model", nargs="?", metavar="MODEL", help="default: the embedded SmolLM2-135M")

@@ -43,6 +43,21 @@ class ExportRecord(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+class ValidationRecord(Protocol):
+    """What a validation attached to a result offers: :class:`surgery.report.ValidationReport` is one
+    (a protocol here, as measuring sits on a floor above the engine)."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def missed(self) -> list[str]: ...
+
+    def format(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class SurgeryResult:
     """What a plan produced (or, on a dry run, would produce).
@@ -56,6 +71,8 @@ class SurgeryResult:
         output_params: parameters in the output checkpoint.
         dry_run: True when nothing was written.
         onnx: the ONNX export into ``OUT/onnx`` (an :class:`exporters.onnx.OnnxExportResult`), when asked for.
+        validation: OUT compared with its source (a :class:`surgery.report.ValidationReport`), when asked for.
+        pushed: the push to the Hub (an :class:`exporters.hub.PushResult`), when asked for and made.
     """
 
     out: Path | None
@@ -66,6 +83,8 @@ class SurgeryResult:
     output_params: int
     dry_run: bool
     onnx: ExportRecord | None = None
+    validation: ValidationRecord | None = None
+    pushed: Any = None
 
     @property
     def total_bytes(self) -> int:

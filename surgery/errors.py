@@ -203,6 +203,19 @@ class ModelCardError(SurgeryError, ValueError):
         super().__init__(f"model card {path}: {reason}", hint=hint)
 
 
+class UnvalidatedOutputError(SurgeryError, ValueError):
+    """An output that push refuses to publish: its card records no validation, a missed gate, or other weights."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"{path} is not published: {reason}",
+            hint="run 'surgery validate ORIGINAL OUT' (or add --validate to the writing command) first; "
+            "--allow-unvalidated (allow_unvalidated=True) publishes it anyway",
+        )
+
+
 class HubAuthError(SurgeryError, PermissionError):
     """The Hub needs a token that is missing, or refused the one given (never shown in the message)."""
 

@@ -22,6 +22,8 @@ class ValidationReport:
         comparison: the metrics.
         measurement: windows, timing and greedy settings.
         bars: the gates that were given.
+        card: the model card the report was recorded in (``surgery validate`` of an output of
+            this tool, or ``--validate``), else None.
     """
 
     original: str
@@ -32,6 +34,7 @@ class ValidationReport:
     comparison: Comparison
     measurement: Measurement
     bars: tuple[Bar, ...] = ()
+    card: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -73,6 +76,8 @@ class ValidationReport:
         lines.append(f"{'scored tokens':<34}{'':>12}{c.tokens:>12,}")
         lines.append(f"speed     {m.tokens_per_second:,.0f} tokens/s through the forward passes")
         lines.extend(bar.describe() for bar in self.bars)
+        if self.card:
+            lines.append(f"card      recorded in {self.card}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,7 +100,28 @@ class ValidationReport:
                 {"option": b.option, "limit": b.limit, "value": b.value, "passed": b.passed} for b in self.bars
             ],
             "passed": self.passed,
+            "card": self.card,
         }
+
+    def card_row(self) -> dict[str, Any]:
+        """The row the model card records for this text (:func:`exporters.card.update_card_with_validation`).
+
+        The text is named as measured, a file by its name only (a local path is not published).
+        """
+        c = self.comparison
+        text = self.data
+        if "/" in text or "\\" in text:
+            text = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        row: dict[str, Any] = {
+            "text": text, "tokens": c.tokens, "kl": None if c.kl is None else max(0.0, c.kl), "top1": c.top1, "ppl_original": c.ppl_original,
+            "ppl_new": c.ppl_new, "embedding_cosine": c.embedding_cosine, "hidden_cosine": c.hidden_cosine,
+            "greedy_agreement": c.greedy_agreement,
+        }
+        row = {key: float(f"{value:.6g}") if isinstance(value, float) else value for key, value in row.items()}
+        if self.bars:
+            row["bars"] = [{"option": b.option, "limit": b.limit, "passed": b.passed} for b in self.bars]
+            row["passed"] = self.passed
+        return {key: value for key, value in row.items() if value is not None}
 
 
 def format_metric(value: float) -> str:

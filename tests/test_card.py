@@ -130,10 +130,13 @@ def test_validation_results_update_the_card(tiny_model: Callable[..., Path], tmp
     text = (out / CARD_FILENAME).read_text()
     assert text.count("| text | tokens |") == 1
     assert "| c4 sample | — | 0.1 | — | — | — |" in text
-    # everything outside the validation section is untouched
-    head = before.split("<!-- layer-surgery:validation -->")[0]
-    tail = before.split("<!-- /layer-surgery:validation -->")[1]
-    assert text.startswith(head) and text.endswith(tail)
+    # the body outside the validation section is untouched (the metadata gains the results)
+    body_before, body = ModelCard(before).text, ModelCard(text).text
+    head = body_before.split("<!-- layer-surgery:validation -->")[0]
+    tail = body_before.split("<!-- /layer-surgery:validation -->")[1]
+    assert body.startswith(head) and body.endswith(tail)
+    assert {k: v for k, v in ModelCard(text).data.to_dict().items() if k not in ("layer_surgery", "model-index")} == \
+        ModelCard(before).data.to_dict()
 
 
 @pytest.mark.parametrize("report", [

@@ -20,7 +20,7 @@ from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
 import surgery
-from exporters.card import CARD_FILENAME
+from exporters.card import CARD_FILENAME, update_card_with_validation
 from surgery.architecture import detect
 from surgery.checkpoint import read_tensor_index
 from surgery.cli import main
@@ -52,8 +52,10 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 @pytest.fixture
 def tiny_out(tiny_sharded: Path, tmp_path: Path) -> Path:
+    """A pruned tiny model whose card records a validation of its weights (so push publishes it)."""
     out = tmp_path / "tiny-out"
     surgery.prune(tiny_sharded, out, drop="2", max_shard_size=40_000, quiet=True)
+    update_card_with_validation(out, {"text": "a fixture text", "tokens": 64, "kl": 0.01, "top1": 0.9})
     return out
 
 
@@ -67,7 +69,7 @@ def test_prune_push_to_hub_round_trip_is_byte_identical(smollm2_dir: Path, hub: 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "smol-pruned"
     code = main(["prune", str(out), "--drop", "4-27", "--dtype", "bf16", "--max-shard-size", "20MB",
-                 "--push-to-hub", "tester/smol-pruned", "-q"])
+                 "--push-to-hub", "tester/smol-pruned", "--allow-unvalidated", "-q"])
     assert code == 0
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) >= 3
@@ -262,13 +264,13 @@ def test_push_to_hub_option_through_the_api(tiny_model: Callable[..., Path], hub
                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "repeated"
     surgery.repeat(tiny_model("llama"), out, layers="1-2", times=2, quiet=True,
-                   push_to_hub="testorg/tiny-repeated", token=TOKEN)
+                   push_to_hub="testorg/tiny-repeated", token=TOKEN, allow_unvalidated=True)
     assert _tree(out) == {k: v for k, v in _download(hub, "testorg/tiny-repeated", tmp_path / "dl").items()
                           if k != ".gitattributes"}
     # a dry run writes nothing and so pushes nothing; push options without a target are refused
     hub.reset_log()
     assert main(["repeat", str(tiny_model("llama")), str(tmp_path / "x"), "--layers", "1-2", "--dry-run",
-                 "--push-to-hub", "testorg/never"]) == 0
+                 "--push-to-hub", "testorg/never", "--allow-unvalidated"]) == 0
     assert hub.requests == [] and "nothing pushed" in capsys.readouterr().err
     assert main(["repeat", str(tiny_model("llama")), str(tmp_path / "y"), "--layers", "1-2", "--private"]) == 2
     assert "apply only with push_to_hub" in _error_line(capsys)
@@ -285,12 +287,14 @@ def test_the_token_never_appears_anywhere(tiny_out: Path, hub: FakeHub, tmp_path
     assert main(["push", str(tiny_out), "tester/token-check", "--token", TOKEN]) == 0
     hub.fail_lfs_uploads_after = 0
     (tiny_out / "extra.safetensors").write_bytes(b"\0" * 1000)  # one more LFS object, refused
-    assert main(["push", str(tiny_out), "tester/token-check", "--token", TOKEN]) == 2
+    # (new weights after the validation: each push below says --allow-unvalidated, so it reaches the Hub)
+    assert main(["push", str(tiny_out), "tester/token-check", "--token", TOKEN, "--allow-unvalidated"]) == 2
     hub.fail_lfs_uploads_after = None
-    assert main(["push", str(tiny_out), "tester/token-check", "--token", BAD_TOKEN]) == 2
-    assert main(["push", str(tiny_out), "tester/token-check", "--revision", "nope", "--token", TOKEN]) == 2
-    for call in (lambda: surgery.push(tiny_out, "tester/token-check", token=BAD_TOKEN),
-                 lambda: surgery.push(tiny_out, "tester/x", revision="nope", token=TOKEN)):
+    assert main(["push", str(tiny_out), "tester/token-check", "--token", BAD_TOKEN, "--allow-unvalidated"]) == 2
+    assert main(["push", str(tiny_out), "tester/token-check", "--revision", "nope", "--token", TOKEN,
+                 "--allow-unvalidated"]) == 2
+    for call in (lambda: surgery.push(tiny_out, "tester/token-check", token=BAD_TOKEN, allow_unvalidated=True),
+                 lambda: surgery.push(tiny_out, "tester/x", revision="nope", token=TOKEN, allow_unvalidated=True)):
         with pytest.raises(surgery.SurgeryError) as caught:
             call()
         seen += [str(caught.value), caught.value.one_line(), repr(caught.value)]
