@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from surgery import architecture
 from surgery.architecture import (
     Architecture,
     count_layers,
@@ -513,4 +514,148 @@ def test_a_multimodal_config_without_a_nested_text_config_is_refused(tmp_path: P
         detect(model, [])
     assert str(info.value) == (
         "architecture 'gemma3_text': its config.json has no nested text config (text_config) holding the layer stack"
+    )
+
+
+def test_the_stack_of_a_multimodal_model_is_in_its_text_config(tmp_path: Path) -> None:
+    from tests import tiny
+
+    text = {
+        "model_type": "gemma3_text",
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "sliding_window": 4,
+        "layer_types": tiny.MIXED_TYPES,
+    }
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+    }
+    raw = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": vision,
+        "mm_tokens_per_image": 4,
+    }
+    model = write_config(tmp_path / "m", raw)
+    vision_names = [f"model.vision_tower.encoder.layers.{i}.mlp.fc1.weight" for i in range(2)]
+    text_names = [
+        f"model.language_model.layers.{i}.{w}"
+        for i in range(6)
+        for w in ("mlp.up_proj.weight", "input_layernorm.weight")
+    ]
+    arch = detect(model, ["model.language_model.embed_tokens.weight", *vision_names, *text_names, "lm_head.weight"])
+    assert (
+        arch.model_type,
+        arch.class_name,
+        arch.num_layers,
+        arch.config_scope,
+        arch.count_key,
+        arch.layer_prefix,
+    ) == (
+        "gemma3_text",
+        "Gemma3ForConditionalGeneration",
+        6,
+        ("text_config",),
+        "num_hidden_layers",
+        "model.language_model.layers",
+    )
+    assert arch.per_layer["layer_types"] == tuple(tiny.MIXED_TYPES)
+    new = arch.rewrite_config(raw, plan([4, 0]))
+    assert new["text_config"]["num_hidden_layers"] == 2
+    assert new["text_config"]["layer_types"] == ["full_attention", "sliding_attention"]
+    assert new["vision_config"] == vision and "num_hidden_layers" not in new
+
+
+def test_a_type_without_a_causal_lm_class_is_built_as_its_base_model(tmp_path: Path) -> None:
+    model = write_config(
+        tmp_path / "m",
+        {
+            "model_type": "distilbert",
+            "architectures": ["NotAClass"],
+            "vocab_size": 128,
+            "dim": 32,
+            "hidden_dim": 48,
+            "n_layers": 3,
+            "n_heads": 4,
+        },
+    )
+    names = [
+        f"distilbert.transformer.layer.{i}.ffn.lin1.weight" for i in range(3)
+    ]  # as a DistilBertForMaskedLM saves them
+    arch = detect(model, ["distilbert.embeddings.word_embeddings.weight", *names], with_transformers=True)
+    assert (arch.class_name, arch.module_path, arch.layer_prefix, arch.count_key) == (
+        "DistilBertModel",
+        "transformer.layer",
+        "distilbert.transformer.layer",
+        "n_layers",
+    )
+
+
+def test_no_class_and_no_name(llama_config: Callable[..., Any]) -> None:
+    model, names = llama_config(drop=("architectures",), auto_map={"AutoModelForCausalLM": "x.A", "AutoModel": "x.B"})
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        detect(model, names, with_transformers=True)
+    assert str(info.value) == "architecture 'llama': no transformers model class for this config"
+
+
+def test_the_unknown_type_message_quotes_transformers_first_line(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    model = write_config(tmp_path / "m", {"model_type": "my_new_arch"})
+    with pytest.raises(ValueError) as original:
+        AutoConfig.from_pretrained(str(model))
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        load_config(model)
+    assert info.value.reason == f"transformers does not know it ({str(original.value).strip().splitlines()[0]})"
+
+
+def test_find_stack_takes_the_largest_list_of_identical_blocks() -> None:
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.other = nn.ModuleList([nn.Linear(50, 50) for _ in range(2)])  # largest, but not 3 layers
+            self.small = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+            self.mixed = nn.ModuleList([nn.Linear(20, 20), nn.Conv1d(20, 20, 3), nn.Linear(20, 20)])
+            self.big = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+            self.twin = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])  # as large: the first one found wins
+
+    assert architecture._find_stack(Net(), 3) == "big"
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        architecture._find_stack(Net(), 4)
+    assert str(info.value) == "architecture 'Net': no list of 4 identical layers found in the model"
+
+
+def test_match_prefix_candidates_and_messages() -> None:
+    match = architecture._match_prefix
+    names = ["model.layers.0.w", "model.layers.1.w"]
+    assert match("model.layers", "model", names, 2) == "model.layers"
+    assert match("model.layers", "model", ["layers.0.w", "layers.1.w"], 2) == "layers"  # saved from the base model
+    assert match("h", "transformer", ["transformer.h.0.w", "transformer.h.1.w"], 2) == "transformer.h"
+    assert match("modelx.layers", "model", ["modelx.layers.0.w", "modelx.layers.1.w"], 2) == "modelx.layers"
+    with pytest.raises(CheckpointError) as info:
+        match("model.layers", "model", ["lm_head.weight"], 2)
+    assert str(info.value) == (
+        "model.layers: no checkpoint tensors found under 'model.layers.N' or 'layers.N' or 'model.model.layers.N'"
+    )
+    with pytest.raises(CheckpointError) as info:
+        match("layers", "", ["x.0.w"], 2)
+    assert str(info.value) == "layers: no checkpoint tensors found under 'layers.N'"
+    with pytest.raises(CheckpointError) as info:
+        match("m.l", "", [f"m.l.{i}.w" for i in (0, 1, 2, 11, 12, 13, 14, 15, 16)], 10)
+    assert str(info.value) == (
+        "m.l: the checkpoint's layers do not match the config's 10 (missing [3, 4, 5, 6, 7], unexpected [11, 12, 13, 14, 15])"
     )
