@@ -335,8 +335,10 @@ def layer_config(raw: dict[str, Any], architecture: Architecture, recipe: Recipe
     plan (:meth:`~surgery.architecture.Architecture.rewrite_config`), and ``dtype`` the cast."""
     new_config = architecture.rewrite_config(raw, recipe.plan)
     if recipe.options.dtype is not None:
-        key = "torch_dtype" if "torch_dtype" in new_config and "dtype" not in new_config else "dtype"
-        new_config[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
+        # Every dtype key the source states (transformers 4 reads torch_dtype, 5 dtype): a stale one would
+        # make `dtype="auto"` load the weights in the source's dtype.
+        for key in [k for k in ("dtype", "torch_dtype") if k in new_config] or ["dtype"]:
+            new_config[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
     return new_config
 
 

@@ -498,8 +498,9 @@ def parallel_config(raw: dict[str, Any], architecture: Architecture, recipe: Rec
         for s in plan.layers
     ]
     if recipe.options.dtype is not None:
-        key = "torch_dtype" if "torch_dtype" in new and "dtype" not in new else "dtype"
-        new[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
+        # every dtype key stated follows the cast, as in surgery.engine.layer_config
+        for key in [k for k in ("dtype", "torch_dtype") if k in new] or ["dtype"]:
+            new[key] = _TORCH_DTYPE_NAMES[recipe.options.dtype]
     return new
 
 
