@@ -577,7 +577,7 @@ def output_identity(directory: str | os.PathLike[str]) -> dict[str, str | None]:
     Raises:
         CheckpointError: the directory holds no safetensors weights.
 
-    Example:
+    Examples:
         >>> output_identity("out/smol-19")["weights_sha256"][:12]  # doctest: +SKIP
         '3f1c0a9e77b2'
     """
@@ -733,7 +733,7 @@ def check_validated(directory: str | os.PathLike[str]) -> dict[str, Any]:
             weights changed since the validation the card records.
         ModelCardError: no card, or one that does not parse.
 
-    Example:
+    Examples:
         >>> check_validated("out/smol-19")["validation"][0]["text"]  # doctest: +SKIP
         'Hamlet, Prince of Denmark (William Shakespeare), plain text'
     """

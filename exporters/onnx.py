@@ -266,7 +266,9 @@ def validate_onnx(
         The :class:`OnnxValidationReport` (check ``.passed``).
 
     Raises:
-        CheckpointError, UnsupportedArchitectureError, CudaUnavailableError.
+        CheckpointError: the ONNX directory or the model cannot be read.
+        UnsupportedArchitectureError: a head this exporter does not handle.
+        CudaUnavailableError: ``device="cuda"`` without a usable CUDA.
 
     Example:
         >>> validate_onnx("out/smol-19/onnx", "out/smol-19").passed  # doctest: +SKIP

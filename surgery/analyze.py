@@ -238,7 +238,10 @@ def analyze(
 
     Raises:
         OptionError: ``drop_count`` outside 1 .. L-1, or ``top`` below 1.
-        DataError, ModelNotFoundError, CheckpointError, UnsupportedArchitectureError.
+        DataError: a text file that is missing, empty, too short or malformed.
+        ModelNotFoundError: MODEL does not exist.
+        CheckpointError: a weights file, index or config that cannot be read.
+        UnsupportedArchitectureError: no layer stack found.
 
     Example:
         >>> report = surgery.analyze(None, drop_count=8, plots="analysis")  # doctest: +SKIP

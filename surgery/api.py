@@ -265,8 +265,10 @@ def validate(
         plan: a plan run in memory instead of NEW (nothing is written, no card).
         recipe: a recipe file or output directory whose plan to run in memory.
         data: a ``.txt`` or ``.jsonl`` file; None for the default corpus (Hamlet).
-        max_kl, min_top1, min_cosine: the gates; a missed one gives ``report.passed`` False (and is
+        max_kl: the gate on KL(original || new); a missed gate gives ``report.passed`` False (and is
             recorded in the card, so the push refuses it).
+        min_top1: the gate on top-1 agreement (a share, 0-1), as ``max_kl``.
+        min_cosine: the gate on the mean-pooled embedding cosine (encoders), as ``max_kl``.
         card: record the report in NEW's card (default True; only for an output of this tool).
         **options: see :class:`~surgery.loading.MeasureOptions`.
 
@@ -274,8 +276,14 @@ def validate(
         The :class:`~surgery.report.ValidationReport`; ``report.card`` is the card it was recorded in.
 
     Raises:
-        OptionError, PlanError, RecipeError, TokenizerMismatchError, DataError, ModelNotFoundError,
-        CheckpointError, UnsupportedArchitectureError: as :func:`surgery.validate.validate`.
+        OptionError: as :func:`surgery.validate.validate`.
+        PlanError: as :func:`surgery.validate.validate`.
+        RecipeError: as :func:`surgery.validate.validate`.
+        TokenizerMismatchError: as :func:`surgery.validate.validate`.
+        DataError: as :func:`surgery.validate.validate`.
+        ModelNotFoundError: as :func:`surgery.validate.validate`.
+        CheckpointError: as :func:`surgery.validate.validate`.
+        UnsupportedArchitectureError: as :func:`surgery.validate.validate`.
         ModelCardError: NEW's card does not parse.
 
     Example:
@@ -466,7 +474,10 @@ def inspect(model: PathLike | None, *, allow_pickle: bool = False, trust_remote_
         The :class:`ModelInfo`.
 
     Raises:
-        ModelNotFoundError, CheckpointError, UnsupportedArchitectureError, PickleRefusedError.
+        ModelNotFoundError: MODEL does not exist.
+        CheckpointError: a weights file, index or config that cannot be read.
+        UnsupportedArchitectureError: no layer stack found.
+        PickleRefusedError: pickle weights without ``allow_pickle``.
 
     Example:
         >>> print(surgery.inspect(None).format())  # doctest: +SKIP

@@ -331,7 +331,10 @@ def sweep(
     Raises:
         OptionError: no plan at all, a drop window or N that does not fit the model.
         PlanError: a custom plan that does not fit the model.
-        DataError, ModelNotFoundError, CheckpointError, UnsupportedArchitectureError.
+        DataError: a text file that is missing, empty, too short or malformed.
+        ModelNotFoundError: MODEL does not exist.
+        CheckpointError: a weights file, index or config that cannot be read.
+        UnsupportedArchitectureError: no layer stack found.
 
     Example:
         >>> report = surgery.sweep(None, painters=True, out="sweep")  # doctest: +SKIP
