@@ -5,8 +5,8 @@ What it measures
     one run on the same text split (the default corpus: its first 90% trains, its last 10% is
     held out):
 
-    * ``heal``: ``surgery.heal`` with its default settings (LoRA on the blocks around the cut),
-      for ``--minutes`` of training;
+    * ``heal``: ``surgery.heal`` with its default settings (the closed-form bridge of each cut,
+      then LoRA on the blocks around the cut), for ``--minutes`` in all (bridge + training);
     * ``naive``: the baseline of issue 14, a full fine-tune of the four blocks around the cut
       (no LoRA), AdamW lr 5e-5, batch 2 x 256 tokens, same loss and budget.
 
@@ -60,6 +60,8 @@ def run_case(case: str, minutes: float, naive: bool, workdir: Path) -> list[dict
         rows.append({
             "case": case, "setup": label,
             "kl_before": report.before.kl, "kl_after": report.after.kl, "kl_ratio": report.kl_ratio,
+            "kl_bridged": report.after_init.kl if report.after_init is not None else None,
+            "init_seconds": report.init_seconds,
             "ppl_original": report.before.ppl_original, "ppl_before": report.before.ppl_new, "ppl_after": report.after.ppl_new,
             "top1_before": report.before.top1, "top1_after": report.after.top1,
             "steps": report.steps, "train_minutes": report.seconds / 60, "total_minutes": (time.perf_counter() - started) / 60,
@@ -83,12 +85,16 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}; "
           f"budget {args.minutes:g} min per setup")
     rows = [row for case in cases for row in run_case(case, args.minutes, not args.no_naive, workdir)]
-    print("| case | setup | steps | train min | held-out KL before -> after | ratio | ppl original / before / after | top-1 before -> after |")
+    print("| case | setup | steps | bridge s + train min | held-out KL before -> bridged -> after | ratio (bridged) | "
+          "ppl original / before / after | top-1 before -> after |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['setup']} | {r['steps']} | {r['train_minutes']:.1f} | {r['kl_before']:.4f} -> {r['kl_after']:.4f} | "
-              f"{r['kl_ratio']:.3f} | {r['ppl_original']:.2f} / {r['ppl_before']:.2f} / {r['ppl_after']:.2f} | "
-              f"{r['top1_before']:.1%} -> {r['top1_after']:.1%} |")
+        bridged = r["kl_bridged"]
+        bridged_text = f"{bridged:.4f}" if bridged is not None else "-"
+        bridged_ratio = f" ({bridged / r['kl_before']:.3f})" if bridged is not None else ""
+        print(f"| {r['case']} | {r['setup']} | {r['steps']} | {r['init_seconds']:.0f} s + {r['train_minutes']:.1f} | "
+              f"{r['kl_before']:.4f} -> {bridged_text} -> {r['kl_after']:.4f} | {r['kl_ratio']:.3f}{bridged_ratio} | "
+              f"{r['ppl_original']:.2f} / {r['ppl_before']:.2f} / {r['ppl_after']:.2f} | {r['top1_before']:.1%} -> {r['top1_after']:.1%} |")
     for r in rows:
         if r["case"] == "13-16" and r["setup"] == "heal (defaults)":
             ratio_ok = r["kl_ratio"] is not None and r["kl_ratio"] <= 0.35

@@ -21,7 +21,14 @@ import torch
 import surgery
 from surgery.checkpoint import read_tensor_index
 from surgery.errors import DataError, OptionError, PlanError, TokenizerMismatchError
-from surgery.healing import HEAL_FILENAME, HEAL_SECTION, _first_interrupt_stops, cut_positions, default_layers
+from surgery.healing import (
+    HEAL_FILENAME,
+    HEAL_SECTION,
+    _bridge_cuts,
+    _first_interrupt_stops,
+    cut_positions,
+    default_layers,
+)
 from surgery.plan import Plan
 from tests.helpers import assert_one_line_error, run_cli, sha256
 
@@ -183,6 +190,77 @@ def test_plan_in_memory_is_written_then_healed(pruned: tuple[Path, Path], text_f
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".surgery-heal-")]  # the scratch NEW is gone
 
 
+def stream_gap(original: Any, new: Any, windows: torch.Tensor, cut: int, resumes_at: int) -> float:
+    """Squared distance between NEW's stream after block ``cut - 1`` and the original's stream entering
+    layer ``resumes_at``, from transformers' own hidden states (``hidden_states[i]`` is layer i's input)."""
+    with torch.no_grad():
+        ours = new(input_ids=windows, output_hidden_states=True).hidden_states[cut]
+        theirs = original(input_ids=windows, output_hidden_states=True).hidden_states[resumes_at]
+    return float(((ours - theirs) ** 2).sum())
+
+
+def test_bridge_closes_the_gap_at_the_cut_on_its_own_fit(pruned: tuple[Path, Path], text_file: Path) -> None:
+    """The closed-form bridge, checked from outside: on the windows it was fitted on, NEW's stream after
+    block 1 (the block before the cut of drop 2-3) is nearer the original's stream entering layer 4 than
+    before (the identity map is one the least-squares fit could choose), and only that block's last linear
+    layer (down_proj) changed."""
+    from surgery.corpus import read_texts, token_windows
+
+    original_dir, new_dir = pruned
+    original, new = load(original_dir), load(new_dir)
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(original_dir))
+    windows = token_windows(tokenizer, read_texts(text_file), seq_len=32, max_tokens=10**12)[:16]
+    untouched = {name: value.clone() for name, value in new.state_dict().items()}
+    gap_before = stream_gap(original, new, windows, 2, 4)
+    bridged, note = _bridge_cuts(original, new, Plan.drop("2-3", 6), windows, 4, quiet=True)
+    assert bridged == (1,) and note == ""
+    gap_after = stream_gap(original, new, windows, 2, 4)
+    assert gap_after < 0.9 * gap_before
+    changed = [name for name, value in new.state_dict().items() if not torch.equal(value, untouched[name])]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_bridge_lowers_held_out_kl_before_training(healed: tuple[Path, Any]) -> None:
+    _, report = healed
+    assert report.init_layers == (1,)
+    assert report.after_init is not None and report.after_init.kl < report.before.kl
+    assert 0 < report.init_seconds
+    card = report.card_section()
+    assert "least-squares map folded into the last linear layer of block(s) 1" in card
+    assert "| bridged (no training) |" in report.table()
+
+
+def test_init_none_trains_from_new_as_it_is(pruned: tuple[Path, Path], text_file: Path) -> None:
+    original, new = pruned
+    report = surgery.heal(original, new, None, data=text_file, dry_run=True, init="none", **{**FAST, "steps": 2})
+    assert report.init_layers == () and report.after_init is None
+    assert "bridge: none (init none)" in report.format()
+
+
+def test_a_bridged_block_without_adapters_is_still_written(pruned: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
+    """Adapters on block 3 only: the bridge changed block 1, and OUT holds that change (it measures as reported)."""
+    original, new = pruned
+    report = surgery.heal(original, new, tmp_path / "out", data=text_file, layers="3", **{**FAST, "steps": 2})
+    assert report.adapter_layers == (3,) and report.init_layers == (1,)
+    before, after = read_tensor_index(new), read_tensor_index(tmp_path / "out")
+    changed = {name for name in before if tensor_bytes(before[name]) != tensor_bytes(after[name])}
+    assert "model.layers.1.mlp.down_proj.weight" in changed
+    assert all(name.startswith(("model.layers.1.mlp.down_proj.", "model.layers.3.")) for name in changed)
+    assert held_out_kl(original, load(tmp_path / "out"), report, text_file) == pytest.approx(report.after.kl, rel=1e-4)
+
+
+def test_a_block_that_normalises_its_output_is_not_bridged(readable_tiny: Callable[..., Path], text_file: Path,
+                                                           tmp_path: Path) -> None:
+    """Gemma 3 normalises the MLP's output before adding it to the stream: no linear map can be folded there."""
+    original = readable_tiny("gemma3")
+    surgery.prune(original, tmp_path / "new", drop="2-3", quiet=True)
+    report = surgery.heal(original, tmp_path / "new", None, data=text_file, dry_run=True, **{**FAST, "steps": 1})
+    assert report.init_layers == () and report.after_init is None
+    assert report.init_note == "block 1 does not end in a linear layer added to the residual stream"
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -190,6 +268,7 @@ def test_plan_in_memory_is_written_then_healed(pruned: tuple[Path, Path], text_f
         (["--held-out", "1.5"], "held-out must be a share between 0 and 1"),
         (["--lr", "-1"], "lr must be a positive number"),
         (["--layers", "9"], "NEW has blocks 0-3; 9 is not one of them"),
+        (["--init", "cubic"], "argument --init: invalid choice: 'cubic'"),
     ],
 )
 def test_bad_options_are_one_line(pruned: tuple[Path, Path], text_file: Path, tmp_path: Path,
@@ -243,6 +322,8 @@ def test_smollm2_heals_and_loads_with_stock_transformers(smollm2_dir: Path, text
     report = surgery.heal(smollm2_dir, tmp_path / "new", tmp_path / "out", data=text_file,  # 6,000 characters: ~25 windows
                           **{**FAST, "steps": 3, "seq_len": 64, "lr": 5e-4, "eval_tokens": 128})
     assert report.adapter_layers == (10, 11, 12, 13, 14, 15)
+    assert report.init_layers == (12,)  # Llama's block ends in down_proj added to the stream: bridged
+    assert report.after_init is not None and report.after_init.kl < report.before.kl
     model = load(tmp_path / "out")
     assert model.config.num_hidden_layers == 26
     with torch.no_grad():
