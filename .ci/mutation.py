@@ -1,4 +1,4 @@
-"""Mutation testing of one module against its own test selection (README "Mutation testing").
+"""Mutation testing of one module against its own test selection (docs/development.md, "Mutation testing").
 
 plan.py and checkpoint.py run straight from pyproject's [tool.mutmut]: `mutmut run --max-children 1`.
 The other modules need other tests, and mutmut reads its settings only from ./pyproject.toml, so this

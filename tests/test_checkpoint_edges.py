@@ -1,7 +1,7 @@
 """Checkpoint reading at its edges: which shards are read, which shard names are refused, what a
 non-regular file is called, and which file a tokenizer error blames.
 
-Written against the mutants that tests/test_malformed.py lets live (README "Mutation testing").
+Written against the mutants that tests/test_malformed.py lets live (docs/development.md, "Mutation testing").
 The checkpoints here are a few small tensors saved with safetensors (no model is built), and
 every error is checked whole: ``PATH: REASON`` (surgery/errors.py ``CheckpointError``) is the
 one line the CLI prints, so the path must be the file at fault and the reason must say why.

@@ -3,7 +3,7 @@
 The oracle is tests/reference.py's :func:`parallel_reference_model`, written independently of the
 product (neither :mod:`surgery.view` nor :mod:`surgery.widen`): deep copies of the original layers
 in the plan's order, each group ``[i-j]xR`` a module that calls its K original layers on the same
-input and averages them, ``h' = (1/K) * sum_k L_k(h)`` (README, "Semantics (exact)"), applied R
+input and averages them, ``h' = (1/K) * sum_k L_k(h)`` (docs/parallel.md, "Semantics (exact)"), applied R
 times. The wide-block checkpoint, loaded with ``AutoModelForCausalLM.from_pretrained(OUT,
 trust_remote_code=True)``, must give the same logits with and without the KV cache (the reference
 runs uncached), for K = 2, 4, 8, looped or not, on tiny models of every supported family and on the

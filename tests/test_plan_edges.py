@@ -1,6 +1,6 @@
 """The plan's edges: exact boundaries, parallel groups in every builder, and the words of each error.
 
-Written against the mutants that tests/test_plan.py and tests/test_malformed.py let live (README
+Written against the mutants that tests/test_plan.py and tests/test_malformed.py let live (docs/development.md,
 "Mutation testing"). Two kinds of check:
 
 - boundaries: a count, index or size exactly at a limit is accepted and one past it refused, with
