@@ -53,7 +53,8 @@ def run_case(case: str, minutes: float, naive: bool, workdir: Path) -> list[dict
     setups = [("heal (defaults)", {})]
     if naive:
         # Issue 14's baseline: the four blocks around the cut trained in full, lr 5e-5.
-        setups.append(("naive full FT, 4 blocks", {"layers": "", "full_layers": f"{max(0, first - 2)}-{first + 1}", "lr": 5e-5}))
+        setups.append(("naive full FT, 4 blocks", {"layers": "", "full_layers": f"{max(0, first - 2)}-{first + 1}", "lr": 5e-5,
+                                                  "init": "none", "select": False}))
     for label, overrides in setups:
         started = time.perf_counter()
         report = surgery.heal(None, new, None, dry_run=True, max_minutes=minutes, quiet=True, **overrides)
@@ -61,7 +62,8 @@ def run_case(case: str, minutes: float, naive: bool, workdir: Path) -> list[dict
             "case": case, "setup": label,
             "kl_before": report.before.kl, "kl_after": report.after.kl, "kl_ratio": report.kl_ratio,
             "kl_bridged": report.after_init.kl if report.after_init is not None else None,
-            "init_seconds": report.init_seconds,
+            "init_seconds": report.init_seconds, "kept": report.kept,
+            "validation_kl_start": report.validation_kl_start, "validation_kl_trained": report.validation_kl_trained,
             "ppl_original": report.before.ppl_original, "ppl_before": report.before.ppl_new, "ppl_after": report.after.ppl_new,
             "top1_before": report.before.top1, "top1_after": report.after.top1,
             "steps": report.steps, "train_minutes": report.seconds / 60, "total_minutes": (time.perf_counter() - started) / 60,
@@ -86,15 +88,16 @@ def main() -> None:
           f"budget {args.minutes:g} min per setup")
     rows = [row for case in cases for row in run_case(case, args.minutes, not args.no_naive, workdir)]
     print("| case | setup | steps | bridge s + train min | held-out KL before -> bridged -> after | ratio (bridged) | "
-          "ppl original / before / after | top-1 before -> after |")
-    print("|---|---|---|---|---|---|---|---|")
+          "ppl original / before / after | top-1 before -> after | validation KL start -> trained (kept) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         bridged = r["kl_bridged"]
         bridged_text = f"{bridged:.4f}" if bridged is not None else "-"
         bridged_ratio = f" ({bridged / r['kl_before']:.3f})" if bridged is not None else ""
         print(f"| {r['case']} | {r['setup']} | {r['steps']} | {r['init_seconds']:.0f} s + {r['train_minutes']:.1f} | "
               f"{r['kl_before']:.4f} -> {bridged_text} -> {r['kl_after']:.4f} | {r['kl_ratio']:.3f}{bridged_ratio} | "
-              f"{r['ppl_original']:.2f} / {r['ppl_before']:.2f} / {r['ppl_after']:.2f} | {r['top1_before']:.1%} -> {r['top1_after']:.1%} |")
+              f"{r['ppl_original']:.2f} / {r['ppl_before']:.2f} / {r['ppl_after']:.2f} | {r['top1_before']:.1%} -> {r['top1_after']:.1%} | "
+              f"{r['validation_kl_start']} -> {r['validation_kl_trained']} ({r['kept']}) |")
     for r in rows:
         if r["case"] == "13-16" and r["setup"] == "heal (defaults)":
             ratio_ok = r["kl_ratio"] is not None and r["kl_ratio"] <= 0.35

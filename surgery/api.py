@@ -626,6 +626,7 @@ class HealOptions(TypedDict, total=False):
         default: the blocks around each cut of the plan.
     full_layers: NEW's blocks trained in full, in range syntax.
     init: ``"linear"`` (default) bridges each cut in closed form before training; ``"none"`` does not.
+    select: keep training only when it lowers the KL on validation windows (default True).
     device: ``cpu``, ``cuda`` or ``auto``.
     text_field: the JSON field holding the text in a ``.jsonl`` file.
     quiet, allow_pickle, trust_remote_code: as for every verb.
@@ -645,6 +646,7 @@ class HealOptions(TypedDict, total=False):
     layers: str | None
     full_layers: str | None
     init: str
+    select: bool
     device: str
     text_field: str
     quiet: bool
@@ -708,7 +710,7 @@ def heal(
     if sum(x is not None for x in (new, plan, recipe)) != 1:
         raise OptionError("give exactly one of NEW (an output of this tool), a plan (--plan) and a recipe (--recipe)")
     training: dict[str, Any] = {key: options[key] for key in (
-        "steps", "max_minutes", "rank", "alpha", "lr", "batch_size", "seq_len", "held_out", "eval_tokens", "top_k", "seed", "init",
+        "steps", "max_minutes", "rank", "alpha", "lr", "batch_size", "seq_len", "held_out", "eval_tokens", "top_k", "seed", "init", "select",
     ) if key in options}
     settings = dataclasses.replace(
         HealSettings(), **training,

@@ -325,7 +325,7 @@ def _cmd_heal(args: argparse.Namespace) -> None:
         None if original == "default" else original, new, out, plan=args.plan, recipe=args.recipe, data=args.data,
         force=args.force, dry_run=args.dry_run, steps=args.steps,
         max_minutes=None if args.max_minutes == 0 else args.max_minutes, rank=args.rank, alpha=args.alpha, lr=args.lr,
-        layers=args.layers, full_layers=args.full_layers, init=args.init, batch_size=args.batch_size, seq_len=args.seq_len,
+        layers=args.layers, full_layers=args.full_layers, init=args.init, select=not args.no_select, batch_size=args.batch_size, seq_len=args.seq_len,
         held_out=args.held_out, eval_tokens=args.eval_tokens, top_k=args.top_k, seed=args.seed, device=args.device,
         quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
     )
@@ -477,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     hea.add_argument("--init", choices=("linear", "none"), default="linear",
                      help="before training, bridge each cut with a least-squares map folded into the block before it "
                           "(linear, the default), or start from NEW as it is (none)")
+    hea.add_argument("--no-select", action="store_true",
+                     help="write the trained weights even when they measure worse than the starting ones on the "
+                          "validation windows (the training text's last 5%%, not trained on)")
     hea.add_argument("--batch-size", type=int, default=2, help="windows per step (default 2)")
     hea.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     hea.add_argument("--held-out", type=float, default=0.1, help="share of the text, from its end, kept for measuring (default 0.1)")

@@ -62,6 +62,8 @@ INITS = ("linear", "none")
 # Most training windows the closed-form bridge of a cut is fitted on (256 tokens each: 32k tokens
 # for a 576 x 576 map; more changed the held-out KL by under 1%).
 INIT_WINDOWS = 128
+# Most validation windows (5% of the training text) that decide whether training is kept.
+VALIDATION_WINDOWS = 16
 HEAL_SECTION = "## Healing"
 
 
@@ -85,6 +87,8 @@ class HealSettings:
         seed: which batches, in which order, and the adapters' initialisation.
         init: ``linear`` bridges each cut in closed form before training (see the module docstring);
             ``none`` starts from NEW as it is.
+        select: keep the trained weights only when they lower the KL on validation windows (the
+            training text's last 5%, not trained on); False writes them whatever it measures.
     """
 
     steps: int = 1000
@@ -101,6 +105,7 @@ class HealSettings:
     top_k: int = 64
     seed: int = 0
     init: str = "linear"
+    select: bool = True
 
     def check(self) -> None:
         """Refuse values that cannot train.
@@ -127,6 +132,8 @@ class HealSettings:
             raise OptionError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.held_out, (int, float)) and 0 < self.held_out < 1):
             raise OptionError(f"held-out must be a share between 0 and 1, got {self.held_out!r}")
+        if not isinstance(self.select, bool):
+            raise OptionError(f"select must be True or False, got {self.select!r}")
         if self.init not in INITS:
             raise OptionError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
@@ -156,6 +163,12 @@ class HealReport:
         init_note: why a cut got no bridge (empty when every cut got one).
         after_init: the bridged model against ORIGINAL on the held-out windows (None without a bridge).
         init_seconds: time spent fitting the bridges (counted in the ``max_minutes`` budget).
+        validation_windows: training-text windows (its last 5%, at most 16, not trained on) that
+            decide whether training is kept (0: too little text to spare them; training is kept).
+        validation_kl_start: their KL before training (after the bridge).
+        validation_kl_trained: their KL after training.
+        kept: ``trained``, or ``start`` when training did not lower the validation KL and the
+            weights training started from (NEW, bridged) were written instead.
     """
 
     out: Path | None
@@ -178,6 +191,10 @@ class HealReport:
     init_note: str = ""
     after_init: Comparison | None = None
     init_seconds: float = 0.0
+    validation_windows: int = 0
+    validation_kl_start: float | None = None
+    validation_kl_trained: float | None = None
+    kept: str = "trained"
 
     @property
     def kl_ratio(self) -> float | None:
@@ -210,6 +227,10 @@ class HealReport:
             "before": self.before.to_dict(),
             "after_init": self.after_init.to_dict() if self.after_init is not None else None,
             "after": self.after.to_dict(),
+            "validation_windows": self.validation_windows,
+            "validation_kl_start": self.validation_kl_start,
+            "validation_kl_trained": self.validation_kl_trained,
+            "kept": self.kept,
             "kl_ratio": self.kl_ratio,
         }
 
@@ -243,12 +264,24 @@ class HealReport:
             + f" ({self.trainable_params:,} parameters), lr {s.lr:g}, batch {s.batch_size}, seed {s.seed}",
             f"bridge: {self._bridge_text()}",
             f"steps: {self.steps} in {self.seconds / 60:.1f} min (stopped by {self.stopped})",
+            f"kept: {self._kept_text()}",
             self.table(),
         ]
         if self.kl_ratio is not None:
             lines.append(f"held-out KL after / before: {self.kl_ratio:.3f}")
         lines.append(f"wrote {self.out}" if self.out else "nothing written")
         return "\n".join(lines)
+
+    def _kept_text(self) -> str:
+        if not self.settings.select:
+            return "the trained weights (no selection)"
+        if self.validation_kl_start is None or self.validation_kl_trained is None:
+            return "the trained weights (too little text to spare validation windows)"
+        figures = f"validation KL {self.validation_kl_start:.4f} -> {self.validation_kl_trained:.4f} on {self.validation_windows} windows"
+        if self.kept == "start":
+            start = "the bridged weights" if self.init_layers else "NEW's weights"
+            return f"{start}: training did not lower the validation KL ({figures})"
+        return f"the trained weights ({figures})"
 
     def _bridge_text(self) -> str:
         if self.settings.init == "none":
@@ -273,6 +306,7 @@ class HealReport:
             f"- text: {self.data}; the first {1 - s.held_out:.0%} trains ({self.train_windows} windows of {s.seq_len} tokens), "
             f"the last {s.held_out:.0%} is held out ({self.held_out_windows} windows measured)",
             f"- bridge before training: {self._bridge_text()}",
+            f"- kept: {self._kept_text()}",
             f"- LoRA rank {s.rank}, alpha {s.alpha}, on blocks {layers}; full blocks: {full}; "
             f"{self.trainable_params:,} parameters trained",
             f"- {self.steps} steps (at most {s.steps}, budget {minutes} min; stopped by {self.stopped}) in "
@@ -496,6 +530,17 @@ def heal_checkpoint(
         init_seconds = time.perf_counter() - started
         if init_layers:
             after_init = _measure(reference, student.model, held, settings, "bridged")
+    # Model selection on validation windows carved from the end of the training text (never the
+    # held-out part): training is kept only when it lowers their KL; otherwise the starting
+    # weights (NEW, bridged) are written. Training windows are not reused for validation.
+    val_count = min(VALIDATION_WINDOWS, len(train) // 20) if hs.select and len(train) >= 20 else 0
+    val = train[len(train) - val_count :] if val_count else None
+    if val is not None:
+        train = train[: len(train) - val_count]
+    trainable_prefixes = tuple(f"{stack_path}.{j}." for j in {*adapter_layers, *hs.full_layers})
+    start_state = {name: value.detach().clone() for name, value in student.model.state_dict().items()
+                   if name.startswith(trainable_prefixes)} if val is not None else {}
+    val_start = _measure(reference, student.model, val, settings, "validation, start").kl if val is not None else None
     targets = _teacher_targets(reference, train, hs.top_k, settings.batch_size, settings.quiet)
 
     budget = None if hs.max_minutes is None else max(1.0, hs.max_minutes * 60 - init_seconds)
@@ -504,6 +549,12 @@ def heal_checkpoint(
         trained, trainable, steps, stopped, seconds, losses = _train(
             student.model, stack_path, adapter_layers, tuple(hs.full_layers), train, targets, hs, budget, settings.quiet
         )
+    kept, val_trained = "trained", None
+    if val is not None:
+        val_trained = _measure(reference, trained, val, settings, "validation, trained").kl
+        if val_start is not None and val_trained is not None and val_trained >= val_start:
+            trained.load_state_dict(start_state, strict=False)
+            kept = "start"
     after = _measure(reference, trained, held, settings, "after")
 
     report = HealReport(
@@ -511,7 +562,8 @@ def heal_checkpoint(
         adapter_layers=adapter_layers, full_layers=tuple(hs.full_layers), trainable_params=trainable,
         train_windows=len(train), held_out_windows=len(held), steps=steps, stopped=stopped, seconds=seconds,
         losses=tuple(losses), before=before, after=after, init_layers=init_layers, init_note=init_note,
-        after_init=after_init, init_seconds=init_seconds,
+        after_init=after_init, init_seconds=init_seconds, validation_windows=val_count, validation_kl_start=val_start,
+        validation_kl_trained=val_trained, kept=kept,
     )
     from accelerate import PartialState
 

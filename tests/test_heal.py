@@ -153,8 +153,9 @@ def test_same_seed_same_result_other_seed_differs(pruned: tuple[Path, Path], tex
 
 def test_full_layers_train_every_parameter_of_a_block(pruned: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
     original, new = pruned
-    report = surgery.heal(original, new, tmp_path / "out", data=text_file, layers="", full_layers="1",
+    report = surgery.heal(original, new, tmp_path / "out", data=text_file, layers="", full_layers="1", select=False,
                           **{**FAST, "steps": 3})
+    assert report.kept == "trained" and report.validation_windows == 0
     assert report.adapter_layers == () and report.full_layers == (1,)
     before, after = read_tensor_index(new), read_tensor_index(tmp_path / "out")
     changed = [name for name in before if tensor_bytes(before[name]) != tensor_bytes(after[name])]
@@ -167,7 +168,9 @@ def test_wide_block_output_heals_into_a_wide_block_output(
 ) -> None:
     original = readable_tiny("llama")
     surgery.parallel(original, tmp_path / "new", groups="2-3", quiet=True)
-    report = surgery.heal(original, tmp_path / "new", tmp_path / "out", data=text_file, **FAST)
+    # select=False: what is under test is that training reaches the wide layout and merges back
+    # into it; on this tiny model its validation KL may not fall, and selection would keep NEW.
+    report = surgery.heal(original, tmp_path / "new", tmp_path / "out", data=text_file, select=False, **FAST)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "surgery_parallel"
     assert report.after.kl < report.before.kl
@@ -230,6 +233,29 @@ def test_bridge_lowers_held_out_kl_before_training(healed: tuple[Path, Any]) -> 
     card = report.card_section()
     assert "least-squares map folded into the last linear layer of block(s) 1" in card
     assert "| bridged (no training) |" in report.table()
+
+
+def test_training_is_kept_when_it_lowers_the_validation_kl(pruned: tuple[Path, Path], text_file: Path) -> None:
+    """Without the bridge, training from the raw prune lowers the validation KL and is kept."""
+    original, new = pruned
+    report = surgery.heal(original, new, None, data=text_file, dry_run=True, init="none", **FAST)
+    assert report.validation_windows > 0
+    assert report.validation_kl_trained < report.validation_kl_start
+    assert report.kept == "trained"
+    assert "kept: the trained weights (validation KL" in report.format()
+
+
+def test_training_that_raises_the_validation_kl_is_not_kept(pruned: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
+    """A learning rate of 1 wrecks the adapters: the bridged weights are written, measured as the bridge measured them."""
+    original, new = pruned
+    report = surgery.heal(original, new, tmp_path / "out", data=text_file, **{**FAST, "steps": 3, "lr": 1.0})
+    assert report.validation_kl_trained > report.validation_kl_start
+    assert report.kept == "start" and report.after_init is not None
+    assert report.after.kl == pytest.approx(report.after_init.kl, rel=1e-6)
+    before, after = read_tensor_index(new), read_tensor_index(tmp_path / "out")
+    changed = {name for name in before if tensor_bytes(before[name]) != tensor_bytes(after[name])}
+    assert changed == {"model.layers.1.mlp.down_proj.weight"}  # the bridge only
+    assert "training did not lower the validation KL" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_init_none_trains_from_new_as_it_is(pruned: tuple[Path, Path], text_file: Path) -> None:
