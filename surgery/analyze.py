@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from surgery.corpus import read_texts
 from surgery.errors import OptionError
-from surgery.loading import MeasureOptions, PathLike, Settings, input_device, load_model
+from surgery.loading import LoadedModel, MeasureOptions, PathLike, Settings, input_device, load_model
 from surgery.plan import format_ranges
 from surgery.validate import measuring_windows
 
@@ -207,6 +207,55 @@ class _Sums:
         self.tokens += batch * tokens
 
 
+def stream_statistics(
+    loaded: LoadedModel, windows: torch.Tensor, settings: Settings, description: str = "analyze"
+) -> tuple[list[list[float]], list[list[float]], list[float]]:
+    """The residual-stream statistics of :func:`analyze` on token windows: one forward pass per batch.
+
+    Args:
+        loaded: the model (its layer stack is found with :func:`surgery.view.live_architecture`).
+        windows: ``(count, length)`` token ids.
+        settings: batch size and quiet.
+        description: the progress bar's label.
+
+    Returns:
+        ``(similarity, angular, block_influence)``: the ``(L+1) x (L+1)`` mean cosine similarity of
+        the flattened streams, the ``(L+1) x (L+1)`` mean last-token angular distance, and ``BI_i``
+        for each of the L layers (see :class:`AnalysisReport`).
+
+    Example:
+        >>> similarity, angular, influence = stream_statistics(loaded, windows, Settings())  # doctest: +SKIP
+        >>> len(influence) == loaded.num_layers  # doctest: +SKIP
+        True
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from surgery.view import live_architecture
+
+    num_layers = loaded.num_layers
+    stack = loaded.model.get_submodule(live_architecture(loaded.model).module_path)
+    points = num_layers + 1
+    sums = _Sums(torch.zeros(points, points, dtype=torch.float64), torch.zeros(points, points, dtype=torch.float64),
+                 torch.zeros(num_layers, dtype=torch.float64))
+    device = input_device(loaded.model)
+    batches = list(windows.split(settings.batch_size))
+    with torch.inference_mode(), residual_stream(stack) as states:
+        for batch in tqdm(batches, desc=description, unit="batch", disable=settings.quiet, file=sys.stderr):
+            states.clear()
+            if loaded.causal:
+                loaded.model(input_ids=batch.to(device), use_cache=False)
+            else:
+                loaded.model.base_model(input_ids=batch.to(device))
+            sums.add(states)
+            states.clear()
+    return (
+        (sums.similarity / sums.samples).tolist(),
+        (sums.angular / sums.samples).tolist(),
+        (sums.influence / sums.tokens).tolist(),
+    )
+
+
 def _prune_command(model: PathLike | None, drop: str) -> str:
     name = Path(str(model)).name if model is not None else "smollm2"
     where = f"{model} " if model is not None else ""
@@ -248,10 +297,6 @@ def analyze(
         >>> report.candidates[0].command  # doctest: +SKIP
         'surgery prune smollm2-drop-20-27 --drop 20-27'
     """
-    import torch
-
-    from surgery.view import live_architecture
-
     settings = Settings.from_options(options)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise OptionError(f"top must be a whole number of at least 1, got {top!r}")
@@ -262,28 +307,7 @@ def analyze(
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < num_layers:
         raise OptionError(f"--drop-count must be a whole number from 1 to {num_layers - 1} for this model, got {n!r}")
     windows = measuring_windows(loaded, texts, settings)
-    stack = loaded.model.get_submodule(live_architecture(loaded.model).module_path)
-    points = num_layers + 1
-    sums = _Sums(torch.zeros(points, points, dtype=torch.float64), torch.zeros(points, points, dtype=torch.float64),
-                 torch.zeros(num_layers, dtype=torch.float64))
-    device = input_device(loaded.model)
-
-    from tqdm.auto import tqdm
-
-    batches = list(windows.split(settings.batch_size))
-    with torch.inference_mode(), residual_stream(stack) as states:
-        for batch in tqdm(batches, desc="analyze", unit="batch", disable=settings.quiet, file=sys.stderr):
-            states.clear()
-            if loaded.causal:
-                loaded.model(input_ids=batch.to(device), use_cache=False)
-            else:
-                loaded.model.base_model(input_ids=batch.to(device))
-            sums.add(states)
-            states.clear()
-
-    similarity = (sums.similarity / sums.samples).tolist()
-    angular = (sums.angular / sums.samples).tolist()
-    influence = (sums.influence / sums.tokens).tolist()
+    similarity, angular, influence = stream_statistics(loaded, windows, settings)
     distances = [angular[start][start + n] for start in range(num_layers - n + 1)]
     order = sorted(range(len(distances)), key=lambda start: (distances[start], start))[:top]
     candidates = []

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from surgery.healing import HealReport
     from surgery.loading import MeasureOptions
     from surgery.report import ValidationReport
+    from surgery.search import SearchOptions
 
 PathLike = str | os.PathLike[str]
 
@@ -308,36 +309,90 @@ def validate(
 
 def prune(
     model: PathLike | None, out: PathLike | None, *, drop: str | None = None, keep: str | None = None,
-    **options: Unpack[Options],
+    to_layers: int | None = None, method: str = "greedy", beam: int = 1, block_by: str = "measured",
+    allow_parallel: bool = False, search: SearchOptions | None = None, **options: Unpack[Options],
 ) -> SurgeryResult:
-    """Drop layers: ``drop`` names the layers to remove, or ``keep`` the ones to keep.
+    """Drop layers: ``drop`` names the layers to remove, ``keep`` the ones to keep, or ``to_layers``
+    the depth to reach, the layers to drop then found by a search (:func:`surgery.search.search`).
+
+    With ``to_layers``, the model is loaded once and candidate plans are scored in memory by their
+    KL(original || plan) on calibration windows; the chosen plan is measured on held-out windows
+    and written like any prune (a plan with a parallel group, possible with ``allow_parallel``, as
+    a wide-block checkpoint). ``result.search`` holds the :class:`~surgery.search.SearchReport`.
 
     Args:
         model: a model directory, ``.gguf`` file, Hub repo id, or None for the embedded default.
         out: the output directory (None with ``dry_run=True``).
         drop: ranges to remove, e.g. ``"10-20"`` or ``"3,7,10-12"``.
         keep: ranges to keep, e.g. ``"0-9,21-29"`` (exclusive with ``drop``).
+        to_layers: the depth to reach (1 to L - 1), exclusive with ``drop`` and ``keep``.
+        method: with ``to_layers``: ``greedy`` (default: one layer at a time, lowest measured KL),
+            ``block`` (the best contiguous block) or ``score`` (lowest Block Influence, one pass).
+        beam: with ``greedy``: plans kept per step (default 1).
+        block_by: with ``block``: ``measured`` KL (default) or ``angular`` distance (one pass).
+        allow_parallel: with ``greedy`` or ``block``: the search may merge consecutive layers into a
+            parallel group.
+        search: with ``to_layers``: the text and measuring options (:class:`~surgery.search.SearchOptions`:
+            ``data``, ``held_out``, ``eval_tokens``, ``max_tokens`` (calibration), ``seq_len``, ...).
         **options: see :class:`Options`.
 
     Returns:
-        The :class:`~surgery.engine.SurgeryResult`.
+        The :class:`~surgery.engine.SurgeryResult` (``search`` set with ``to_layers``).
 
     Raises:
-        OptionError: both or neither of ``drop`` and ``keep``.
+        OptionError: not exactly one of ``drop``, ``keep`` and ``to_layers``; search options without
+            ``to_layers``; a bad ``to_layers``, method or beam (see :func:`surgery.search.check_target`).
         PlanError: a malformed range, an index out of range, or nothing left.
+        OutputExistsError: with ``to_layers``: OUT exists and ``force`` is False (checked before the search).
+        SearchInterrupted: Ctrl-C during the search (the best plan so far is printed; nothing written).
 
     Example:
         >>> import surgery
         >>> result = surgery.prune(None, "out/smol-19", drop="10-20")  # doctest: +SKIP
         >>> len(result.recipe.plan)  # doctest: +SKIP
         19
+        >>> result = surgery.prune(None, "out/smol-26", to_layers=26)  # doctest: +SKIP
+        >>> result.search.plan, result.search.held_out.kl  # doctest: +SKIP
     """
-    if (drop is None) == (keep is None):
-        raise OptionError("give exactly one of drop (--drop) and keep (--keep)")
+    if sum(x is not None for x in (drop, keep, to_layers)) != 1:
+        raise OptionError("give exactly one of drop (--drop), keep (--keep) and to_layers (--to-layers)")
+    if to_layers is not None:
+        return _prune_to(model, out, to_layers, method, beam, block_by, allow_parallel, search or {}, options)
+    if (method, beam, block_by, allow_parallel, search) != ("greedy", 1, "measured", False, None):
+        raise OptionError("method, beam, block_by, allow_parallel and search apply only with to_layers (--to-layers)")
     if drop is not None:
         return _run(model, out, lambda n: Plan.drop(drop, n), options)
     assert keep is not None  # narrowed by the check above
     return _run(model, out, lambda n: Plan.keep(keep, n), options)
+
+
+def _prune_to(
+    model: PathLike | None, out: PathLike | None, to_layers: int, method: str, beam: int, block_by: str,
+    allow_parallel: bool, search: SearchOptions, options: Options,
+) -> SurgeryResult:
+    """``prune(..., to_layers=N)``: every input checked, then the search, then the write of its plan."""
+    import dataclasses
+
+    from exporters.staging import check_output
+    from surgery.search import check_target
+    from surgery.search import search as run_search
+
+    source = open_source(model, allow_pickle=options.get("allow_pickle", False), quiet=options.get("quiet", False))
+    num_layers = count_layers(source.path, trust_remote_code=options.get("trust_remote_code", False))
+    check_target(to_layers, num_layers, method, beam=beam, block_by=block_by, allow_parallel=allow_parallel)
+    _check_validate_options(options)
+    _check_push_options(options)
+    if out is None and not options.get("dry_run", False):
+        raise OptionError("missing OUT, the output directory")
+    if out is not None and not options.get("dry_run", False):  # an OUT that cannot be written fails before the search
+        check_output(Path(out), force=options.get("force", False), protected=(source.path,))
+    measure: dict[str, Any] = {"quiet": options.get("quiet", False), "allow_pickle": options.get("allow_pickle", False),
+                               "trust_remote_code": options.get("trust_remote_code", False), **search}
+    report = run_search(model, to_layers, method=method, beam=beam, block_by=block_by, allow_parallel=allow_parallel,
+                        **measure)
+    chosen = report.plan
+    result = _run(model, out, lambda n: chosen, options)
+    return dataclasses.replace(result, search=report)
 
 
 def repeat(

@@ -134,6 +134,8 @@ def _print_result(result: SurgeryResult, as_json: bool) -> None:
             body["validation"] = result.validation.to_dict()
         if result.pushed is not None:
             body["pushed"] = result.pushed.as_dict()
+        if result.search is not None:
+            body["search"] = result.search.to_dict()
         print(json.dumps(body, indent=2))
     else:
         print(result.summary())
@@ -146,7 +148,29 @@ def _print_result(result: SurgeryResult, as_json: bool) -> None:
 
 def _cmd_prune(args: argparse.Namespace) -> None:
     model, out = _paths(args)
-    _report(api.prune(model, out, drop=args.drop, keep=args.keep, **_options(args)), args)
+    if args.to_layers is None:
+        given = [flag for flag, value in (("--method", args.method), ("--beam", args.beam), ("--block-by", args.block_by),
+                                          ("--held-out", args.held_out), ("--eval-tokens", args.eval_tokens))
+                 if value is not None] + (["--allow-parallel"] if args.allow_parallel else [])
+        if given:
+            raise OptionError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --to-layers")
+        _report(api.prune(model, out, drop=args.drop, keep=args.keep, **_options(args)), args)
+        return
+    # --data and the measuring options choose the search's text and windows (and, with --validate, its text too).
+    search: dict[str, Any] = {key: getattr(args, key) for key in ("data", "held_out", "eval_tokens", *_WRITING_MEASURE)
+                              if key not in ("prompts", "new_tokens") and getattr(args, key) is not None}
+    options = _options(args)
+    if not args.validate:
+        options.pop("data", None)
+        options["measure"] = {}
+    # Ctrl-C: the search prints the best plan so far; main() then says nothing was written (exit 130).
+    result = api.prune(model, out, to_layers=args.to_layers, method=args.method or "greedy", beam=args.beam or 1,
+                       block_by=args.block_by or "measured", allow_parallel=args.allow_parallel,
+                       search=search, **options)  # type: ignore[arg-type]  # the keys of SearchOptions
+    if not args.json:
+        print(result.search.format())
+        print()
+    _report(result, args)
 
 
 def _cmd_repeat(args: argparse.Namespace) -> None:
@@ -376,10 +400,28 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    prune = verb("prune", _cmd_prune, "drop layers (--drop 10-20) or keep some (--keep 0-9,21-29)", *writing_verb)
+    prune = verb("prune", _cmd_prune, "drop layers (--drop 10-20), keep some (--keep 0-9,21-29), or search for the "
+                 "layers to drop to reach a depth (--to-layers 26)", *writing_verb)
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--drop", help="layers to remove, e.g. 10-20 or 3,7,10-12 (0-based, inclusive)")
     which.add_argument("--keep", help="layers to keep, e.g. 0-9,21-29")
+    which.add_argument("--to-layers", type=int, metavar="N",
+                       help="search for the layers to drop to reach N layers (scored in memory on calibration text "
+                            "by KL against the original), then write that plan; --data, --max-tokens (calibration "
+                            "budget, default 1024), --seq-len, --batch-size and --device apply to the search")
+    found = prune.add_argument_group("search, with --to-layers")
+    found.add_argument("--method", choices=("greedy", "block", "score"),
+                       help="greedy (default): one layer at a time, lowest measured KL; block: the best contiguous "
+                            "block; score: the lowest Block Influence, one pass")
+    found.add_argument("--beam", type=int, metavar="K", help="with greedy: plans kept per step (default 1)")
+    found.add_argument("--block-by", choices=("measured", "angular"),
+                       help="with block: rank blocks by measured KL (default) or angular distance (one pass)")
+    found.add_argument("--allow-parallel", action="store_true",
+                       help="the search may also merge consecutive layers into a parallel group (written as a "
+                            "wide-block checkpoint when it wins)")
+    found.add_argument("--held-out", type=float, metavar="SHARE",
+                       help="share of the text, from its end, kept for measuring the chosen plan (default 0.1)")
+    found.add_argument("--eval-tokens", type=int, help="most held-out tokens measured (default 4096)")
 
     rep = verb("repeat", _cmd_repeat, "repeat a contiguous block of layers in place", *writing_verb)
     rep.add_argument("--layers", required=True, help="the block, e.g. 8-15")

@@ -73,6 +73,8 @@ class SurgeryResult:
         onnx: the ONNX export into ``OUT/onnx`` (an :class:`exporters.onnx.OnnxExportResult`), when asked for.
         validation: OUT compared with its source (a :class:`surgery.report.ValidationReport`), when asked for.
         pushed: the push to the Hub (an :class:`exporters.hub.PushResult`), when asked for and made.
+        search: the search that chose the plan (a :class:`surgery.search.SearchReport`), for
+            ``prune --to-layers``.
     """
 
     out: Path | None
@@ -85,6 +87,7 @@ class SurgeryResult:
     onnx: ExportRecord | None = None
     validation: ValidationRecord | None = None
     pushed: Any = None
+    search: Any = None
 
     @property
     def total_bytes(self) -> int:

@@ -1,0 +1,718 @@
+"""Search for the layers to drop to reach a target depth: ``surgery prune MODEL OUT --to-layers N``.
+
+Three methods, all run on one loaded copy of the weights through :func:`surgery.view.plan_view`
+(nothing is written until the choice is made):
+
+* ``greedy`` (default; SLEB, Song et al. 2024): remove one layer at a time, each step keeping the
+  removal with the lowest measured KL(original || candidate) on the calibration windows; with
+  ``beam=K`` the K best plans of each step are kept and extended (a beam as wide as the number of
+  plans of a step makes the search exhaustive);
+* ``block`` (ShortGPT / Gromov et al. 2024): the best contiguous block of ``L - N`` layers, chosen by
+  measured KL (``block_by="measured"``, every block measured) or by the angular distance across it
+  (``block_by="angular"``, one pass, :func:`surgery.analyze.stream_statistics`);
+* ``score`` (ShortGPT's Block Influence): the ``L - N`` layers with the lowest BI, one pass.
+
+With ``allow_parallel``, greedy may also merge two adjacent steps of consecutive source layers into
+a parallel group (or grow a group by one layer), which also lowers the depth by one; the plans
+without a group stay in the beam beside the others, so the same run also finds what the search
+without groups finds. Block also measures every group of ``L - N + 1`` consecutive layers merged
+into one wide block. The report says whether a plan with a group won; such a plan is written as a
+wide-block checkpoint.
+
+Candidates share computation: the plan a step extends is run once per calibration batch with
+its residual stream recorded (:func:`surgery.analyze.residual_stream`), and each candidate runs
+only from its first changed position, its input there taken from that record. The calibration
+windows and the held-out windows are separate parts of the text (by default its first 90% and
+its last 10%); the chosen plan's KL, top-1 agreement and perplexity are measured on the held-out
+windows with :func:`surgery.metrics.compare`.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Unpack
+
+from surgery.analyze import residual_stream, stream_statistics
+from surgery.corpus import TextSet, read_texts, token_windows
+from surgery.errors import CheckpointError, DataError, OptionError, SurgeryError, UnsupportedArchitectureError
+from surgery.loading import LoadedModel, MeasureOptions, PathLike, Settings, input_device, load_model
+from surgery.metrics import Candidate, Comparison, _NextTokens, _Tally, compare
+from surgery.plan import ParallelGroup, Plan, format_ranges
+
+if TYPE_CHECKING:
+    import torch
+
+    from surgery.architecture import Architecture
+
+METHODS = ("greedy", "block", "score")
+BLOCK_BY = ("measured", "angular")
+# Calibration tokens when the caller gives no max_tokens: 4 windows of 256 tokens.
+CALIBRATION_TOKENS = 1024
+
+Step = int | ParallelGroup
+
+
+class SearchOptions(MeasureOptions, total=False):
+    """The options of :func:`search` beyond the method (and of ``prune(..., to_layers=N)``'s ``search``).
+
+    data: the ``.txt``/``.jsonl`` text (default: Hamlet).
+    held_out: the share of the text, from its end, kept for the final measurement (default 0.1).
+    eval_tokens: most held-out tokens measured (default 4096).
+    max_tokens: the calibration budget (default 1024 tokens), drawn from the rest of the text.
+    Every other key: as :class:`~surgery.loading.MeasureOptions` (``prompts`` and ``new_tokens`` unused).
+    """
+
+    data: PathLike | None
+    held_out: float
+    eval_tokens: int
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search; the best plan found so far was printed on stderr.
+
+    Attributes:
+        plan: that plan (None when nothing was scored yet).
+        kl: its calibration KL.
+        complete: True when it has the target depth (else it is a step on the way).
+    """
+
+    def __init__(self, plan: Plan | None, kl: float | None, complete: bool) -> None:
+        super().__init__("search interrupted")
+        self.plan = plan
+        self.kl = kl
+        self.complete = complete
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    """One plan the search scored.
+
+    Attributes:
+        step: the greedy step (1 for the first removal); 1 for block and score.
+        change: what it changes relative to the plan it extends (``drop 12``, ``merge [12-13]``,
+            ``drop 20-23``, ``layer 7``).
+        plan: the plan in range syntax.
+        num_layers: its depth.
+        kl: KL(original || plan) on the calibration windows (None when not measured).
+        score: the one-pass score (angular distance, Block Influence), when the method uses one.
+    """
+
+    step: int
+    change: str
+    plan: str
+    num_layers: int
+    kl: float | None
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "change": self.change, "plan": self.plan, "num_layers": self.num_layers,
+                "kl": self.kl, "score": self.score}
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """What :func:`search` chose and measured.
+
+    Attributes:
+        model: the model, described.
+        method: ``greedy``, ``block`` or ``score``.
+        beam: plans kept per greedy step.
+        block_by: how ``block`` ranks blocks (``measured`` or ``angular``).
+        allow_parallel: whether parallel groups were in the search space.
+        source_layers: L.
+        to_layers: N.
+        plan: the chosen plan.
+        calibration_kl: its KL on the calibration windows.
+        candidates: every plan scored, in search order.
+        trace: per step, the best plan kept.
+        held_out: the chosen plan against the original on the held-out windows.
+        data: the text set's name.
+        calibration_windows: windows scored per candidate.
+        held_out_windows: windows of the final measurement.
+        seq_len: tokens per window.
+        held_out_share: the share of the text held out (its end).
+        seconds: wall time of the search (the final measurement excluded).
+        parallel_best: with ``allow_parallel``, the best calibration KL of a final-depth plan with a
+            group (None: none was scored); ``drop_best``: the same without a group.
+    """
+
+    model: str
+    method: str
+    beam: int
+    block_by: str
+    allow_parallel: bool
+    source_layers: int
+    to_layers: int
+    plan: Plan
+    calibration_kl: float
+    candidates: list[ScoredCandidate]
+    trace: list[ScoredCandidate]
+    held_out: Comparison
+    data: str
+    calibration_windows: int
+    held_out_windows: int
+    seq_len: int
+    held_out_share: float
+    seconds: float
+    parallel_best: float | None = None
+    drop_best: float | None = None
+
+    @property
+    def dropped(self) -> list[int]:
+        """The source layers that no longer run (merged layers still run, inside their group)."""
+        used = set(self.plan.source_sequence())
+        return [i for i in range(self.source_layers) if i not in used]
+
+    @property
+    def parallel_won(self) -> bool | None:
+        """With ``allow_parallel``: True when the chosen plan holds a parallel group (None without)."""
+        return bool(self.plan.groups) if self.allow_parallel else None
+
+    def describe_method(self) -> str:
+        if self.method == "greedy":
+            return f"greedy (beam {self.beam})"
+        if self.method == "block":
+            return f"block (by {'measured KL' if self.block_by == 'measured' else 'angular distance'})"
+        return "score (Block Influence)"
+
+    def format(self) -> str:
+        """The plan and the search trace, as ``surgery prune --to-layers`` prints them."""
+        lines = [
+            f"search    {self.describe_method()}{', parallel groups allowed' if self.allow_parallel else ''}: "
+            f"{self.source_layers} -> {self.to_layers} layers, {len(self.candidates)} candidates in {self.seconds:.1f} s",
+            f"text      {self.data}: calibration {self.calibration_windows} windows, held out "
+            f"{self.held_out_windows} windows (the last {self.held_out_share:.0%}), {self.seq_len} tokens each",
+            f"{'step':>4}  {'layers':>6}  {'change':<16}{'calib. KL':>10}  plan",
+        ]
+        for row in self.trace:
+            kl = "" if row.kl is None else f"{row.kl:.4f}"
+            lines.append(f"{row.step:>4}  {row.num_layers:>6}  {row.change:<16}{kl:>10}  {row.plan}")
+        c = self.held_out
+        lines += [
+            f"chosen    {self.plan} (drops {format_ranges(self.dropped) or 'nothing'}"
+            f"{', groups ' + ', '.join(str(g) for g in self.plan.groups) if self.plan.groups else ''})",
+            f"held out  KL {c.kl or 0:.4f}, top-1 {c.top1 or 0:.1%}, perplexity {c.ppl_new or 0:.2f} "
+            f"(original {c.ppl_original or 0:.2f}); calibration KL {self.calibration_kl:.4f}",
+        ]
+        if self.allow_parallel:
+            best_group = "none scored" if self.parallel_best is None else f"{self.parallel_best:.4f}"
+            best_drop = "none scored" if self.drop_best is None else f"{self.drop_best:.4f}"
+            verdict = "won" if self.parallel_won else "did not win"
+            lines.append(f"parallel  a plan with a group {verdict} (best calibration KL with a group {best_group}, "
+                         f"without {best_drop})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``search`` member of ``surgery prune --to-layers N --json``."""
+        c = self.held_out
+        return {
+            "model": self.model, "method": self.method, "beam": self.beam, "block_by": self.block_by,
+            "allow_parallel": self.allow_parallel, "source_layers": self.source_layers, "to_layers": self.to_layers,
+            "plan": str(self.plan), "dropped": self.dropped, "groups": [str(g) for g in self.plan.groups],
+            "calibration": {"windows": self.calibration_windows, "seq_len": self.seq_len, "kl": self.calibration_kl},
+            "held_out": {"windows": self.held_out_windows, "seq_len": self.seq_len, "share": self.held_out_share,
+                         "kl": c.kl, "top1": c.top1, "ppl_original": c.ppl_original, "ppl_new": c.ppl_new,
+                         "tokens": c.tokens},
+            "data": self.data, "seconds": self.seconds,
+            "parallel": None if not self.allow_parallel else {
+                "won": self.parallel_won, "best_kl_with_group": self.parallel_best, "best_kl_without": self.drop_best},
+            "trace": [row.to_dict() for row in self.trace],
+            "candidates": [row.to_dict() for row in self.candidates],
+        }
+
+
+def check_target(to_layers: object, num_layers: int, method: str, *, beam: int = 1, block_by: str = "measured",
+                 allow_parallel: bool = False) -> int:
+    """Refuse a target depth or method that cannot be searched, before any model is loaded.
+
+    Args:
+        to_layers: N, the depth to reach.
+        num_layers: L, the model's depth.
+        method: ``greedy``, ``block`` or ``score``.
+        beam: plans kept per greedy step.
+        block_by: ``measured`` or ``angular``.
+        allow_parallel: parallel groups in the search space.
+
+    Returns:
+        N.
+
+    Raises:
+        OptionError: N not a whole number from 1 to L - 1, an unknown method or ``block_by``, a beam
+            below 1 or with another method than greedy, or ``allow_parallel`` with a method that
+            cannot score a group (``score``, ``block`` by angular distance).
+
+    Example:
+        >>> check_target(26, 30, "greedy")
+        26
+    """
+    if method not in METHODS:
+        raise OptionError(f"unknown search method {method!r}; choose one of {', '.join(METHODS)}")
+    if block_by not in BLOCK_BY:
+        raise OptionError(f"unknown block ranking {block_by!r}; choose one of {', '.join(BLOCK_BY)}")
+    if isinstance(to_layers, bool) or not isinstance(to_layers, int) or not 1 <= to_layers < num_layers:
+        raise OptionError(
+            f"--to-layers must be a whole number from 1 to {num_layers - 1} for this model ({num_layers} layers), "
+            f"got {to_layers!r}"
+        )
+    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+        raise OptionError(f"--beam must be a whole number of at least 1, got {beam!r}")
+    if beam != 1 and method != "greedy":
+        raise OptionError(f"--beam applies to --method greedy, not {method}")
+    if allow_parallel and (method == "score" or (method == "block" and block_by == "angular")):
+        raise OptionError(
+            "--allow-parallel needs a method that measures a merged group: --method greedy, or block by measured KL",
+            hint="drop --allow-parallel, or use --method greedy",
+        )
+    return to_layers
+
+
+def split_windows(
+    loaded: LoadedModel, texts: TextSet, settings: Settings, *, held_out: float, eval_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text as calibration windows and held-out windows, from separate parts of it.
+
+    The text is cut into windows of ``settings.seq_len`` tokens in order; the last ``held_out`` share
+    of them is held out. Up to ``settings.max_tokens`` calibration tokens are drawn from the rest
+    and up to ``eval_tokens`` held-out tokens from the held-out part (with ``settings.seed``).
+
+    Args:
+        loaded: the model (its tokenizer and context length).
+        texts: the text set.
+        settings: ``seq_len``, ``max_tokens`` and ``seed``.
+        held_out: the share held out, between 0 and 1.
+        eval_tokens: the held-out budget.
+
+    Returns:
+        ``(calibration, held_out)`` token id tensors, windows in text order.
+
+    Raises:
+        CheckpointError: the model has no tokenizer.
+        DataError: the text gives fewer than two windows.
+
+    Example:
+        >>> calibration, held = split_windows(loaded, read_texts(None), Settings(), held_out=0.1, eval_tokens=4096)  # doctest: +SKIP
+    """
+    if loaded.tokenizer is None:
+        raise CheckpointError(str(loaded.path), "has no tokenizer; the search needs one to read the text")
+    seq_len = min(settings.seq_len, loaded.max_positions or settings.seq_len)
+    every = token_windows(loaded.tokenizer, texts, seq_len=seq_len, max_tokens=1 << 40, seed=settings.seed)
+    count = int(every.shape[0])
+    if count < 2:
+        raise DataError(texts.name, f"gives {count} window of {seq_len} tokens; the search needs two (calibration and held out)",
+                        hint="give a longer text or a smaller --seq-len")
+    held_count = min(count - 1, max(1, round(count * held_out)))
+    pool, held = every[: count - held_count], every[count - held_count :]
+    rng = random.Random(settings.seed)
+
+    def draw(windows: torch.Tensor, budget: int) -> torch.Tensor:
+        take = max(1, budget // seq_len)
+        if windows.shape[0] <= take:
+            return windows
+        return windows[sorted(rng.sample(range(int(windows.shape[0])), take))]
+
+    return draw(pool, settings.max_tokens), draw(held, eval_tokens)
+
+
+# -- scoring: KL(original || plan) on the calibration windows, sharing each plan's prefix ----------------
+
+
+def _unrolled(plan: Plan) -> list[Step]:
+    return [step for _, step in plan.positions()]
+
+
+class _Scorer:
+    """Scores plans by their calibration KL; a candidate runs only from its first change.
+
+    ``base(plan)`` runs a plan once per batch and records the stream entering each of its
+    positions; ``kl(base, candidate)`` runs ``candidate``'s positions from the first one that differs
+    from ``base``, with that position's input taken from the record.
+    """
+
+    def __init__(self, loaded: LoadedModel, arch: Architecture, windows: torch.Tensor, batch_size: int) -> None:
+        import torch
+
+        self.model = loaded.model
+        self.arch = arch
+        self.num_layers = loaded.num_layers
+        self.identity = Plan(tuple(range(self.num_layers)), self.num_layers)
+        device = input_device(loaded.model)
+        self.batches = [batch.to(device) for batch in windows.split(batch_size)]
+        self.references: list[_NextTokens] = []
+        self.scratch = torch.empty(0)
+        self.recorded: dict[str, list[list[torch.Tensor]]] = {}
+        self.forward_tokens = 0
+        stack = self.model.get_submodule(arch.module_path)
+        states: list[list[torch.Tensor]] = []
+        with torch.inference_mode():
+            for batch in self.batches:
+                with residual_stream(stack) as recorded:
+                    logits = self.model(input_ids=batch, use_cache=False).logits
+                shape = (logits.shape[0], logits.shape[1] - 1, logits.shape[2])
+                if self.scratch.shape != shape[1:]:
+                    self.scratch = torch.empty(shape[1:], device=logits.device)
+                self.references.append(_NextTokens.of(logits, batch, torch.empty(shape, device=logits.device)))
+                states.append(list(recorded))
+                self.forward_tokens += int(batch.numel())
+        self.recorded[str(self.identity)] = states
+
+    def base(self, plan: Plan) -> None:
+        """Record the stream entering each position of ``plan`` (once per plan)."""
+        import torch
+
+        from surgery.view import plan_view
+
+        key = str(plan)
+        if key in self.recorded:
+            return
+        states: list[list[torch.Tensor]] = []
+        with torch.inference_mode(), plan_view(self.model, plan) as model:
+            stack = model.get_submodule(self.arch.module_path)
+            for batch in self.batches:
+                with residual_stream(stack) as recorded:
+                    model(input_ids=batch, use_cache=False)
+                states.append(list(recorded))
+                self.forward_tokens += int(batch.numel())
+        self.recorded[key] = states
+
+    def forget(self, keep: list[Plan]) -> None:
+        """Drop the records of every plan but ``keep`` (and the original's)."""
+        wanted = {str(p) for p in keep} | {str(self.identity)}
+        for key in [k for k in self.recorded if k not in wanted]:
+            del self.recorded[key]
+
+    def kl(self, base: Plan, candidate: Plan) -> float:
+        """KL(original || candidate) per token on the calibration windows; ``base`` must be recorded."""
+        import torch
+
+        from surgery.view import plan_view
+
+        old, new = _unrolled(base), _unrolled(candidate)
+        first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+        first = min(first, len(new) - 1)  # the last position at least runs, so the tail is a plan
+        tail = Plan(tuple(new[first:]), self.num_layers)
+        try:
+            self.arch.check_plan(tail)
+        except SurgeryError:  # a position-dependent setting: the tail cannot run alone; run it all
+            first, tail = 0, candidate
+        states = self.recorded[str(base)]
+        tally = _Tally()
+        with torch.inference_mode(), plan_view(self.model, tail) as model:
+            entry = model.get_submodule(self.arch.module_path)[0]
+            for batch, reference, recorded in zip(self.batches, self.references, states, strict=True):
+                with _entering(entry, recorded[first] if first else None):
+                    logits = model(input_ids=batch, use_cache=False).logits
+                tally.add_causal(reference, logits, self.scratch)
+                self.forward_tokens += int(batch.numel())
+        return tally.kl / tally.tokens
+
+
+@contextmanager
+def _entering(block: torch.nn.Module, state: torch.Tensor | None) -> Iterator[None]:
+    """Replace the hidden states ``block`` is called with by ``state`` (None: leave them)."""
+    if state is None:
+        yield
+        return
+
+    def replace(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": state}
+        return (state, *args[1:]), kwargs
+
+    handle = block.register_forward_pre_hook(replace, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# -- the search ------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """The progress bar (candidates scored, best so far) and the record the Ctrl-C message is taken from."""
+
+    def __init__(self, quiet: bool, description: str, to_layers: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=0, desc=description, unit="plan", disable=quiet, file=sys.stderr)
+        self.to_layers = to_layers
+        self.best: tuple[float, Plan] | None = None  # at the target depth
+        self.partial: tuple[int, float, Plan] | None = None  # the lowest depth reached, and its best
+
+    def expect(self, count: int) -> None:
+        self.bar.total = (self.bar.total or 0) + count
+        self.bar.refresh()
+
+    def scored(self, plan: Plan, kl: float) -> None:
+        depth = len(plan)
+        if depth == self.to_layers and (self.best is None or kl < self.best[0]):
+            self.best = (kl, plan)
+        if self.partial is None or depth < self.partial[0] or (depth == self.partial[0] and kl < self.partial[1]):
+            self.partial = (depth, kl, plan)
+        shown = self.best[0] if self.best is not None else self.partial[1]
+        self.bar.set_postfix_str(f"best KL {shown:.4f} at {self.partial[0] if self.best is None else depth} layers",
+                                 refresh=False)
+        self.bar.update()
+
+    def interrupted(self) -> SearchInterrupted:
+        """Print the best plan so far on stderr; the exception to raise."""
+        self.bar.close()
+        if self.best is not None:
+            kl, plan = self.best
+            sys.stderr.write(f"surgery: search interrupted; best plan found so far ({len(plan)} layers, "
+                             f"calibration KL {kl:.4f}): {plan}\n")
+            return SearchInterrupted(plan, kl, True)
+        if self.partial is not None:
+            depth, kl, plan = self.partial
+            sys.stderr.write(f"surgery: search interrupted before reaching {self.to_layers} layers; best plan so far "
+                             f"({depth} layers, calibration KL {kl:.4f}): {plan}\n")
+            return SearchInterrupted(plan, kl, False)
+        sys.stderr.write("surgery: search interrupted before any plan was scored\n")
+        return SearchInterrupted(None, None, False)
+
+
+def _same_kind(arch: Architecture, layers: tuple[int, ...]) -> bool:
+    """True when ``layers`` agree in every per-layer setting (one mask per position: a group needs that)."""
+    return all(len({repr(values[i]) for i in layers}) == 1 for values in arch.per_layer.values())
+
+
+def _moves(arch: Architecture, plan: Plan, allow_parallel: bool) -> list[tuple[str, Plan]]:
+    """The plans one layer shallower than ``plan``: each plain layer dropped, and (``allow_parallel``)
+    each two adjacent steps of consecutive source layers merged into one group."""
+    steps = list(plan.layers)
+    moves: list[tuple[str, Plan]] = []
+    for i, step in enumerate(steps):
+        if isinstance(step, int) and len(steps) > 1:
+            moves.append((f"drop {step}", Plan(tuple(steps[:i] + steps[i + 1 :]), plan.num_source_layers)))
+    if allow_parallel:
+        for i in range(len(steps) - 1):
+            a, b = steps[i], steps[i + 1]
+            left = a.layers if isinstance(a, ParallelGroup) else (a,)
+            right = b.layers if isinstance(b, ParallelGroup) else (b,)
+            layers = (*left, *right)
+            if layers != tuple(range(layers[0], layers[0] + len(layers))) or not _same_kind(arch, layers):
+                continue
+            group = ParallelGroup(layers)
+            moves.append((f"merge {group}", Plan(tuple(steps[:i] + [group] + steps[i + 2 :]), plan.num_source_layers)))
+    return moves
+
+
+def _allowed(arch: Architecture, plan: Plan) -> bool:
+    try:
+        arch.check_plan(plan)
+    except SurgeryError:
+        return False
+    return True
+
+
+def _greedy(scorer: _Scorer, arch: Architecture, to_layers: int, beam: int, allow_parallel: bool,
+            progress: _Progress) -> tuple[list[ScoredCandidate], list[ScoredCandidate], list[tuple[float, Plan]]]:
+    """Remove one layer per step, keeping the ``beam`` lowest-KL plans; returns the candidates, the
+    trace and the final step's ``(kl, plan)`` sorted."""
+    kept: list[Plan] = [scorer.identity]
+    candidates: list[ScoredCandidate] = []
+    trace: list[ScoredCandidate] = []
+    ranked: list[tuple[float, Plan]] = []
+    for step in range(1, scorer.num_layers - to_layers + 1):
+        seen: dict[str, tuple[str, Plan, Plan]] = {}
+        for base in kept:
+            for change, plan in _moves(arch, base, allow_parallel):
+                if str(plan) not in seen and _allowed(arch, plan):
+                    seen[str(plan)] = (change, plan, base)
+        if not seen:
+            raise OptionError(f"no plan of {len(kept[0]) - 1} layers can be reached from {kept[0]} on this model",
+                              hint="choose another --to-layers or --method")
+        progress.expect(len(seen))
+        scored: list[tuple[float, str, Plan, str]] = []
+        for base in kept:
+            scorer.base(base)
+            for change, plan, origin in seen.values():
+                if origin is not base:
+                    continue
+                kl = scorer.kl(base, plan)
+                progress.scored(plan, kl)
+                candidates.append(ScoredCandidate(step, change, str(plan), len(plan), kl))
+                scored.append((kl, str(plan), plan, change))
+        scored.sort(key=lambda row: (row[0], row[1]))
+        kept = [plan for _, _, plan, _ in scored[:beam]]
+        if allow_parallel:  # the best plain plans stay too: their line is the search without groups, to compare
+            kept += [plan for _, _, plan, _ in [row for row in scored if not row[2].groups][:beam] if plan not in kept]
+        best_kl, best_text, best_plan, best_change = scored[0]
+        trace.append(ScoredCandidate(step, best_change, best_text, len(best_plan), best_kl))
+        ranked = [(kl, plan) for kl, _, plan, _ in scored]
+        scorer.forget(kept)
+    return candidates, trace, ranked
+
+
+def _block(scorer: _Scorer, arch: Architecture, to_layers: int, allow_parallel: bool,
+           progress: _Progress) -> tuple[list[ScoredCandidate], list[tuple[float, Plan]]]:
+    """Every contiguous block of ``L - N`` layers dropped (and, ``allow_parallel``, every ``L - N + 1``
+    consecutive layers merged), measured; returns the candidates and ``(kl, plan)`` sorted."""
+    num_layers = scorer.num_layers
+    size = num_layers - to_layers
+    plans: list[tuple[str, Plan]] = []
+    for start in range(num_layers - size + 1):
+        spec = format_ranges(list(range(start, start + size)))
+        plans.append((f"drop {spec}", Plan.drop(spec, num_layers)))
+    if allow_parallel:
+        for start in range(num_layers - size):
+            layers = tuple(range(start, start + size + 1))
+            if _same_kind(arch, layers):
+                group = ParallelGroup(layers)
+                steps = (*range(start), group, *range(start + size + 1, num_layers))
+                plans.append((f"merge {group}", Plan(steps, num_layers)))
+    plans = [(change, plan) for change, plan in plans if _allowed(arch, plan)]
+    if not plans:
+        raise OptionError(f"no contiguous block of {size} layers can be dropped from this model",
+                          hint="choose another --to-layers, or --method greedy")
+    progress.expect(len(plans))
+    candidates: list[ScoredCandidate] = []
+    ranked: list[tuple[float, Plan]] = []
+    for change, plan in plans:
+        kl = scorer.kl(scorer.identity, plan)
+        progress.scored(plan, kl)
+        candidates.append(ScoredCandidate(1, change, str(plan), len(plan), kl))
+        ranked.append((kl, plan))
+    ranked.sort(key=lambda row: (row[0], str(row[1])))
+    return candidates, ranked
+
+
+def _one_pass(loaded: LoadedModel, arch: Architecture, calibration: torch.Tensor, settings: Settings, method: str,
+              to_layers: int) -> tuple[list[ScoredCandidate], Plan]:
+    """``block`` by angular distance, or ``score`` by Block Influence: one pass over the calibration windows."""
+    num_layers = loaded.num_layers
+    size = num_layers - to_layers
+    _, angular, influence = stream_statistics(loaded, calibration, settings, description=f"search ({method})")
+    candidates: list[ScoredCandidate] = []
+    if method == "block":
+        distances = {start: angular[start][start + size] for start in range(num_layers - size + 1)}
+        for start, distance in distances.items():
+            spec = format_ranges(list(range(start, start + size)))
+            candidates.append(ScoredCandidate(1, f"drop {spec}", str(Plan.drop(spec, num_layers)), to_layers, None, distance))
+        order = sorted(distances, key=lambda s: (distances[s], s))
+        allowed = [s for s in order if _allowed(arch, Plan.drop(format_ranges(list(range(s, s + size))), num_layers))]
+        if not allowed:
+            raise OptionError(f"no contiguous block of {size} layers can be dropped from this model",
+                              hint="choose another --to-layers, or --method greedy")
+        return candidates, Plan.drop(format_ranges(list(range(allowed[0], allowed[0] + size))), num_layers)
+    for layer, bi in enumerate(influence):
+        candidates.append(ScoredCandidate(1, f"layer {layer}", str(Plan.drop(str(layer), num_layers)),
+                                          num_layers - 1, None, bi))
+    lowest = sorted(sorted(range(num_layers), key=lambda i: (influence[i], i))[:size])
+    plan = Plan.drop(format_ranges(lowest), num_layers)
+    if not _allowed(arch, plan):
+        raise OptionError(f"the {size} layers of lowest Block Influence ({format_ranges(lowest)}) cannot be dropped "
+                          "from this model", hint="use --method greedy")
+    return candidates, plan
+
+
+def search(
+    model: PathLike | None,
+    to_layers: int,
+    *,
+    method: str = "greedy",
+    beam: int = 1,
+    block_by: str = "measured",
+    allow_parallel: bool = False,
+    **options: Unpack[SearchOptions],
+) -> SearchReport:
+    """Search for the plan of ``to_layers`` layers that costs the least, on one copy of the weights.
+
+    Args:
+        model: a model directory, ``.gguf`` file, Hub id, or None for the default.
+        to_layers: N, the depth to reach (1 to L - 1).
+        method: ``greedy`` (default), ``block`` or ``score`` (see the module's description).
+        beam: plans kept per greedy step (default 1).
+        block_by: how ``block`` ranks blocks: ``measured`` KL (default) or ``angular`` distance.
+        allow_parallel: the search may merge consecutive layers into a parallel group.
+        **options: see :class:`SearchOptions`.
+
+    Returns:
+        The :class:`SearchReport`: the plan, every candidate scored, and the held-out measurement.
+
+    Raises:
+        OptionError: a bad N, method, beam or option (see :func:`check_target`), or no plan of N
+            layers that this model can run.
+        UnsupportedArchitectureError: an encoder (the search scores next-token distributions).
+        DataError: an unreadable text, or one too short for a calibration and a held-out window.
+        ModelNotFoundError: MODEL does not exist.
+        CheckpointError: a weights file, index or config that cannot be read, or no tokenizer.
+        SearchInterrupted: Ctrl-C; the best plan so far was printed on stderr.
+
+    Example:
+        >>> report = search(None, 26, method="greedy")  # doctest: +SKIP
+        >>> print(report.plan, report.held_out.kl)  # doctest: +SKIP
+    """
+    from surgery.view import live_architecture
+
+    measure: dict[str, Any] = {"max_tokens": CALIBRATION_TOKENS, "prompts": 0}
+    measure.update({k: v for k, v in options.items() if k not in ("data", "held_out", "eval_tokens") and v is not None})
+    settings = Settings.from_options(measure)  # type: ignore[arg-type]  # the keys of MeasureOptions
+    held_share = options.get("held_out", 0.1)
+    if isinstance(held_share, bool) or not isinstance(held_share, (int, float)) or not 0 < held_share < 1:
+        raise OptionError(f"held-out must be a share between 0 and 1, got {held_share!r}")
+    eval_tokens = options.get("eval_tokens", 4096)
+    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
+        raise OptionError(f"eval-tokens must be a whole number of at least 1, got {eval_tokens!r}")
+    texts = read_texts(options.get("data"), text_field=settings.text_field)
+    loaded = load_model(model, settings)
+    check_target(to_layers, loaded.num_layers, method, beam=beam, block_by=block_by, allow_parallel=allow_parallel)
+    if not loaded.causal:
+        raise UnsupportedArchitectureError(
+            type(loaded.model).__name__, "the search scores plans by the KL of next-token distributions: causal LMs only",
+            hint="choose the layers with surgery analyze and prune with --drop",
+        )
+    arch = live_architecture(loaded.model)
+    calibration, held = split_windows(loaded, texts, settings, held_out=float(held_share), eval_tokens=eval_tokens)
+    progress = _Progress(settings.quiet, f"search ({method})", to_layers)
+    start = time.perf_counter()
+    parallel_best = drop_best = None
+    try:
+        if method == "greedy" or (method == "block" and block_by == "measured"):
+            scorer = _Scorer(loaded, arch, calibration, settings.batch_size)
+            if method == "greedy":
+                candidates, trace, ranked = _greedy(scorer, arch, to_layers, beam, allow_parallel, progress)
+            else:
+                candidates, ranked = _block(scorer, arch, to_layers, allow_parallel, progress)
+                trace = [next(c for c in candidates if c.plan == str(ranked[0][1]))]
+            calibration_kl, plan = ranked[0]
+            if allow_parallel:
+                parallel_best = min((kl for kl, p in ranked if p.groups), default=None)
+                drop_best = min((kl for kl, p in ranked if not p.groups), default=None)
+        else:
+            candidates, plan = _one_pass(loaded, arch, calibration, settings, method, to_layers)
+            scorer = _Scorer(loaded, arch, calibration, settings.batch_size)
+            calibration_kl = scorer.kl(scorer.identity, plan)
+            progress.scored(plan, calibration_kl)
+            chosen = next((c for c in candidates if c.plan == str(plan)), None)  # block: its row
+            trace = [ScoredCandidate(1, chosen.change if chosen else f"drop {format_ranges(_dropped(plan))}",
+                                     str(plan), len(plan), calibration_kl, chosen.score if chosen else None)]
+    except KeyboardInterrupt:
+        raise progress.interrupted() from None
+    finally:
+        progress.bar.close()
+    seconds = time.perf_counter() - start
+    del scorer  # the recorded streams: freed before the final measurement
+    measurement = compare(
+        loaded.model, [Candidate.of_plan(loaded.model, plan)], held, causal=True, batch_size=settings.batch_size,
+        quiet=settings.quiet, description="held out",
+    )
+    return SearchReport(
+        model=loaded.describe(), method=method, beam=beam, block_by=block_by, allow_parallel=allow_parallel,
+        source_layers=loaded.num_layers, to_layers=to_layers, plan=plan, calibration_kl=calibration_kl,
+        candidates=candidates, trace=trace, held_out=measurement.comparisons[0], data=texts.name,
+        calibration_windows=int(calibration.shape[0]), held_out_windows=int(held.shape[0]),
+        seq_len=int(calibration.shape[1]), held_out_share=float(held_share), seconds=seconds,
+        parallel_best=parallel_best, drop_best=drop_best,
+    )
+
+
+def _dropped(plan: Plan) -> list[int]:
+    used = set(plan.source_sequence())
+    return [i for i in range(plan.num_source_layers) if i not in used]
+

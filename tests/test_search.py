@@ -1,0 +1,314 @@
+"""surgery prune --to-layers N: the search (greedy, beam, block, score, parallel groups) against an
+exhaustive search computed here with the independent reference (tests/reference.py), the shared
+prefix of the candidates, the held-out split, the CLI (--json, --dry-run, bad input, Ctrl-C)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+import surgery
+from surgery.corpus import read_texts
+from surgery.errors import OptionError
+from surgery.loading import Settings, load_model
+from surgery.plan import ParallelGroup, Plan
+from surgery.search import SearchInterrupted, check_target, search, split_windows
+from tests import tiny
+from tests.helpers import assert_one_line_error
+from tests.helpers import run_cli as run
+from tests.reference import parallel_reference_model, reference_model
+
+L = tiny.NUM_LAYERS
+N = 3  # 20 plans of 3 layers out of 6: small enough to measure them all here
+FAST: dict[str, Any] = {"seq_len": 64, "max_tokens": 128, "eval_tokens": 128, "quiet": True, "device": "cpu"}
+CLI_FAST = ["--seq-len", "64", "--max-tokens", "128", "--eval-tokens", "128", "--device", "cpu", "-q"]
+
+
+def _windows(path: Path, text_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    loaded = load_model(path, Settings(device="cpu", quiet=True))
+    settings = Settings(seq_len=FAST["seq_len"], max_tokens=FAST["max_tokens"], device="cpu", quiet=True)
+    return split_windows(loaded, read_texts(text_file), settings, held_out=0.1, eval_tokens=FAST["eval_tokens"])
+
+
+def _kl(model: Any, reference_logits: torch.Tensor, windows: torch.Tensor) -> float:
+    """KL(original || model) per predicted token, written directly from the definition."""
+    with torch.no_grad():
+        q = torch.log_softmax(model(input_ids=windows, use_cache=False).logits[:, :-1].double(), -1)
+    p = torch.log_softmax(reference_logits[:, :-1].double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def exhaustive(readable_tiny: Callable[[str], Path], text_file: Path) -> Callable[[str], dict[str, float]]:
+    """``exhaustive(name)``: the calibration KL of every plan that keeps N of the L layers, by the reference."""
+    done: dict[str, dict[str, float]] = {}
+
+    def measure(name: str) -> dict[str, float]:
+        if name not in done:
+            calibration, _ = _windows(readable_tiny(name), text_file)
+            model = transformers.AutoModelForCausalLM.from_pretrained(readable_tiny(name)).eval()
+            with torch.no_grad():
+                logits = model(input_ids=calibration, use_cache=False).logits
+            done[name] = {
+                str(Plan(kept, L)): _kl(reference_model(model, list(kept)), logits, calibration)
+                for kept in itertools.combinations(range(L), N)
+            }
+        return done[name]
+
+    return measure
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_greedy_with_a_beam_as_wide_as_every_plan_is_the_exhaustive_search(
+    readable_tiny: Callable[[str], Path], text_file: Path, exhaustive: Callable[[str], dict[str, float]], name: str
+) -> None:
+    """gemma3 mixes sliding and full layers (window 4 < 64 tokens): a candidate run from a cached prefix must
+    still see each layer's own attention type."""
+    truth = exhaustive(name)
+    report = search(readable_tiny(name), N, beam=20, data=text_file, **FAST)  # C(6,3) = 20 plans at the last step
+    best = min(truth, key=lambda plan: truth[plan])
+    assert str(report.plan) == best
+    assert report.calibration_kl == pytest.approx(truth[best], rel=1e-4)
+    final = [c for c in report.candidates if c.num_layers == N]
+    assert sorted(c.plan for c in final) == sorted(truth)  # every plan of N layers was scored ...
+    for candidate in final:  # ... each equal to the reference run whole (the shared prefix changes nothing)
+        assert candidate.kl == pytest.approx(truth[candidate.plan], rel=1e-4, abs=1e-7), candidate.plan
+    assert [row.num_layers for row in report.trace] == [5, 4, 3]
+
+
+def test_greedy_keeps_the_best_removal_of_each_step(
+    readable_tiny: Callable[[str], Path], text_file: Path, exhaustive: Callable[[str], dict[str, float]]
+) -> None:
+    truth = exhaustive("llama")
+    report = search(readable_tiny("llama"), N, data=text_file, **FAST)
+    assert [c.step for c in report.candidates] == [1] * 6 + [2] * 5 + [3] * 4  # one plan per removable layer
+    for step, row in enumerate(report.trace, start=1):
+        scored = [c for c in report.candidates if c.step == step]
+        assert row.kl == min(c.kl for c in scored if c.kl is not None) and row.plan in {c.plan for c in scored}
+        if step > 1:  # each step extends the plan the previous one kept
+            previous = set(Plan.from_ranges(report.trace[step - 2].plan, L).layers)
+            assert all(set(Plan.from_ranges(c.plan, L).layers) < previous for c in scored)
+    assert str(report.plan) == report.trace[-1].plan
+    assert report.calibration_kl == pytest.approx(truth[str(report.plan)], rel=1e-4)
+    assert report.calibration_kl >= min(truth.values()) - 1e-9  # greedy is never better than exhaustive
+
+
+def test_block_is_the_best_contiguous_block_by_measured_kl(
+    readable_tiny: Callable[[str], Path], text_file: Path, exhaustive: Callable[[str], dict[str, float]]
+) -> None:
+    truth = exhaustive("llama")
+    blocks = {str(Plan.drop(f"{s}-{s + L - N - 1}", L)): truth[str(Plan.drop(f"{s}-{s + L - N - 1}", L))]
+              for s in range(N + 1)}
+    report = search(readable_tiny("llama"), N, method="block", data=text_file, **FAST)
+    assert str(report.plan) == min(blocks, key=lambda plan: blocks[plan])
+    assert {c.plan: c.kl for c in report.candidates} == pytest.approx(blocks, rel=1e-4)
+
+
+def test_score_and_angular_block_follow_the_residual_stream(readable_tiny: Callable[[str], Path], text_file: Path) -> None:
+    from surgery.analyze import residual_stream
+
+    calibration, _ = _windows(readable_tiny("llama"), text_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(readable_tiny("llama")).eval()
+    with torch.no_grad(), residual_stream(model.model.layers) as states:
+        model(input_ids=calibration, use_cache=False)
+    x = torch.stack(states).double()
+    influence = (1 - torch.nn.functional.cosine_similarity(x[:-1], x[1:], dim=-1)).mean((1, 2))
+    last = torch.nn.functional.normalize(x[:, :, -1], dim=-1)
+    angle = [float(torch.arccos((last[s] * last[s + L - N]).sum(-1).clamp(-1, 1)).mean()) for s in range(N + 1)]
+
+    report = search(readable_tiny("llama"), N, method="score", data=text_file, **FAST)
+    lowest = sorted(torch.argsort(influence)[: L - N].tolist())
+    assert report.dropped == lowest
+    assert [c.score for c in report.candidates] == pytest.approx(influence.tolist(), rel=1e-4)
+    report = search(readable_tiny("llama"), N, method="block", block_by="angular", data=text_file, **FAST)
+    start = min(range(N + 1), key=lambda s: angle[s])
+    assert report.dropped == list(range(start, start + L - N))
+    assert report.calibration_kl > 0 and report.trace[0].score == pytest.approx(angle[start] / torch.pi, rel=1e-4)
+
+
+def test_parallel_groups_are_measured_as_the_reference_and_the_plain_line_is_kept(
+    readable_tiny: Callable[[str], Path], text_file: Path
+) -> None:
+    path = readable_tiny("llama")
+    calibration, _ = _windows(path, text_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        logits = model(input_ids=calibration, use_cache=False).logits
+    report = search(path, N, method="block", allow_parallel=True, data=text_file, **FAST)
+    merged = [c for c in report.candidates if c.change.startswith("merge")]
+    assert len(merged) == L - (L - N)  # every group of L - N + 1 consecutive layers
+    for candidate in merged:
+        plan = Plan.from_ranges(candidate.plan, L)
+        assert candidate.kl == pytest.approx(_kl(parallel_reference_model(model, plan), logits, calibration), rel=1e-4)
+    assert report.parallel_best == min(c.kl for c in merged if c.kl is not None)
+
+    plain = search(path, N, data=text_file, **FAST)
+    mixed = search(path, N, allow_parallel=True, data=text_file, **FAST)
+    assert mixed.drop_best == pytest.approx(plain.calibration_kl, rel=1e-6)  # the search without groups, inside
+    assert mixed.calibration_kl == min(x for x in (mixed.parallel_best, mixed.drop_best) if x is not None)
+    assert mixed.parallel_won == bool(mixed.plan.groups)
+    assert any(c.change.startswith("merge") for c in mixed.candidates)
+    assert "parallel  a plan with a group" in mixed.format()
+
+
+def test_the_held_out_windows_are_the_end_of_the_text_and_never_calibrate(
+    readable_tiny: Callable[[str], Path], text_file: Path
+) -> None:
+    from surgery.corpus import token_windows
+    from tests.tiny_text import char_tokenizer
+
+    calibration, held = _windows(readable_tiny("llama"), text_file)
+    assert calibration.shape == (2, 64) and held.shape == (2, 64)
+    every = token_windows(char_tokenizer(), read_texts(text_file), seq_len=64, max_tokens=1 << 30)
+    index = {tuple(row.tolist()): i for i, row in enumerate(every)}
+    tail = len(every) - round(len(every) * 0.1)
+    assert all(index[tuple(row.tolist())] >= tail for row in held)
+    assert all(index[tuple(row.tolist())] < tail for row in calibration)
+
+
+def test_check_target_refuses_what_cannot_be_searched() -> None:
+    assert check_target(1, 6, "greedy") == 1 and check_target(5, 6, "block", block_by="angular") == 5
+    for bad, method, extra, text in [
+        (0, "greedy", {}, "from 1 to 5"), (6, "greedy", {}, "from 1 to 5"), (True, "greedy", {}, "from 1 to 5"),
+        (3, "greedy", {"beam": 0}, "--beam"), (3, "block", {"beam": 2}, "--beam applies to --method greedy"),
+        (3, "score", {"allow_parallel": True}, "--allow-parallel"), (3, "magic", {}, "unknown search method"),
+        (3, "block", {"block_by": "angular", "allow_parallel": True}, "--allow-parallel"),
+        (3, "block", {"block_by": "cosine"}, "unknown block ranking"),
+    ]:
+        with pytest.raises(OptionError, match=text):
+            check_target(bad, 6, method, **extra)
+
+
+def test_prune_to_layers_writes_the_searched_plan(readable_tiny: Callable[[str], Path], text_file: Path, tmp_path: Path) -> None:
+    result = surgery.prune(readable_tiny("llama"), tmp_path / "out", to_layers=4, quiet=True,
+                           search={"data": text_file, "seq_len": 64, "max_tokens": 128, "eval_tokens": 128, "device": "cpu"})
+    assert result.search is not None and result.recipe.plan == result.search.plan and len(result.recipe.plan) == 4
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert written.config.num_hidden_layers == 4
+    with pytest.raises(OptionError, match="exactly one of drop"):
+        surgery.prune(readable_tiny("llama"), tmp_path / "x", drop="1", to_layers=4)
+    with pytest.raises(OptionError, match="only with to_layers"):
+        surgery.prune(readable_tiny("llama"), tmp_path / "x", drop="1", method="block")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_winning_parallel_group_is_written_as_a_wide_block(readable_tiny: Callable[[str], Path], text_file: Path, tmp_path: Path) -> None:
+    result = surgery.prune(readable_tiny("llama"), tmp_path / "out", to_layers=N, method="block", allow_parallel=True,
+                           quiet=True, search={"data": text_file, **{k: v for k, v in FAST.items() if k != "quiet"}})
+    assert result.search is not None
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert result.search.parallel_won  # on this tiny model a group of 4 beats every block of 3 dropped
+    assert all(isinstance(step, ParallelGroup) for step in result.recipe.plan.groups) and "surgery_steps" in config
+
+
+def test_cli_dry_run_and_json(readable_tiny: Callable[[str], Path], text_file: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    model, out = str(readable_tiny("llama")), tmp_path / "out"
+    code, stdout, err = run(capsys, "prune", model, str(out), "--to-layers", "4", "--dry-run", "--data", str(text_file), *CLI_FAST)
+    assert code == 0, err
+    assert "search    greedy (beam 1): 6 -> 4 layers, 11 candidates" in stdout and "held out  KL" in stdout
+    assert "6 layers -> 4" in stdout and not out.exists()
+    code, stdout, err = run(capsys, "prune", model, str(out), "--to-layers", "4", "--method", "block", "--json",
+                            "--data", str(text_file), *CLI_FAST)
+    assert code == 0, err
+    body = json.loads(stdout)
+    found = body["search"]
+    assert body["plan"] == found["plan"] and found["method"] == "block" and found["to_layers"] == 4
+    assert len(found["candidates"]) == 5 and all(c["kl"] > 0 for c in found["candidates"])
+    assert set(found["held_out"]) >= {"kl", "top1", "ppl_new", "ppl_original", "windows"}
+    assert found["calibration"]["kl"] == min(c["kl"] for c in found["candidates"])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--to-layers", "0"], "from 1 to 5"),
+    (["--to-layers", "6"], "from 1 to 5"),
+    (["--to-layers", "-2"], "from 1 to 5"),
+    (["--to-layers", "3", "--drop", "1"], "not allowed with"),
+    (["--to-layers", "3", "--method", "dfs"], "invalid choice"),
+    (["--to-layers", "3", "--method", "score", "--allow-parallel"], "--allow-parallel"),
+    (["--to-layers", "3", "--method", "block", "--beam", "4"], "--beam applies to --method greedy"),
+    (["--drop", "3", "--method", "block"], "--method, --eval-tokens apply only with --to-layers"),
+    (["--to-layers", "3", "--held-out", "1.5"], "held-out"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    readable_tiny: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "prune", str(readable_tiny("llama")), str(out), *argv, *CLI_FAST)
+    assert_one_line_error(code, err, expected)
+    assert not out.exists()
+
+
+def test_an_existing_out_is_refused_before_the_search(readable_tiny: Callable[[str], Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    monkeypatch.setattr("surgery.search.search", lambda *a, **k: pytest.fail("searched"))
+    code, _, err = run(capsys, "prune", str(readable_tiny("llama")), str(tmp_path / "out"), "--to-layers", "3", *CLI_FAST)
+    assert_one_line_error(code, err, "exists")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
+
+
+def test_encoders_are_refused(readable_tiny: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "prune", str(readable_tiny("bert")), str(tmp_path / "out"), "--to-layers", "3", *CLI_FAST)
+    assert_one_line_error(code, err, "causal LMs only")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_prints_the_best_plan_so_far_and_writes_nothing(
+    readable_tiny: Callable[[str], Path], text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from surgery import search as module
+
+    measured: list[tuple[str, float]] = []
+    original = module._Scorer.kl
+
+    def interrupted_after_eight(self: Any, base: Plan, candidate: Plan) -> float:
+        if len(measured) == 8:  # the 6 plans of step 1, then 2 of step 2
+            raise KeyboardInterrupt
+        kl = original(self, base, candidate)
+        measured.append((str(candidate), kl))
+        return kl
+
+    monkeypatch.setattr(module._Scorer, "kl", interrupted_after_eight)
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "prune", str(readable_tiny("llama")), str(out), "--to-layers", "3",
+                            "--data", str(text_file), *CLI_FAST)
+    assert code == 130 and not out.exists() and stdout == ""
+    best_plan, best_kl = min((row for row in measured if len(Plan.from_ranges(row[0], L)) == 4), key=lambda row: row[1])
+    assert f"best plan so far (4 layers, calibration KL {best_kl:.4f}): {best_plan}" in err
+    assert "interrupted; nothing was written" in err
+
+    measured.clear()
+    with pytest.raises(SearchInterrupted) as caught:  # the API: the exception carries the plan
+        search(readable_tiny("llama"), N, data=text_file, **FAST)
+    assert caught.value.complete is False and str(caught.value.plan) == best_plan
+    monkeypatch.setattr(module._Scorer, "kl", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SearchInterrupted) as caught:
+        search(readable_tiny("llama"), N, data=text_file, **FAST)
+    assert caught.value.plan is None
+
+
+@pytest.mark.real
+def test_gemma3_to_14_layers_remaps_layer_types_and_loads(gemma3_dir: Path, gemma3: Any, tmp_path: Path) -> None:
+    """Gemma 3 270M (18 layers, sliding and full attention) searched down to 14 on a few short windows."""
+    result = surgery.prune(gemma3_dir, tmp_path / "out", to_layers=14, quiet=True,
+                           search={"seq_len": 32, "max_tokens": 32, "eval_tokens": 64, "device": "cpu", "dtype": "fp32"})
+    plan = result.recipe.plan
+    assert len(plan) == 14 and result.search is not None and result.search.plan == plan
+    layers = list(plan.layers)
+    rewritten = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # stock transformers
+    assert rewritten.config.num_hidden_layers == 14
+    assert rewritten.config.layer_types == [gemma3.config.layer_types[i] for i in layers]
+    ids = transformers.AutoTokenizer.from_pretrained(gemma3_dir)("The quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(ids).logits, reference_model(gemma3, layers)(ids).logits, rtol=1e-5, atol=1e-4)
