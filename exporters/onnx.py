@@ -1,7 +1,8 @@
 """Export a model to ONNX with its KV cache (``surgery export-onnx``), validated against PyTorch in ONNX Runtime.
 
 The verb and the directory it writes: the graph (:mod:`exporters.onnx_graph`), config, generation config,
-tokenizer and ``onnx-export.json``, staged and renamed into place only when the parity checks
+tokenizer, ``genai_config.json`` for onnxruntime-genai (decoders, :mod:`exporters.onnx_genai`) and
+``onnx-export.json``, staged and renamed into place only when the parity checks
 (:mod:`exporters.onnx_parity`) pass; :func:`validate_onnx` runs those checks on an existing directory, and
 :func:`cached_export` keeps one fp32 export per model in the cache for the runner (:mod:`exporters.onnx_runtime`).
 The PyTorch model is loaded by :mod:`exporters.onnx_model`; the graph layout is described in :mod:`exporters.onnx_graph`.
@@ -18,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from exporters.onnx_genai import write_genai_config
 
 # The ``X as X`` imports are re-exports: names tests, benchmarks and users import from this module.
 from exporters.onnx_graph import DEFAULT_OPSET, EXTERNAL_DATA_FILENAME, MIN_OPSET, _export_graph
@@ -142,8 +145,9 @@ def export_onnx(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> OnnxExportResult:
-    """Export a model to an ONNX directory: the graph (KV cache for decoders), config, generation config and
-    tokenizer; then validate it in ONNX Runtime against PyTorch.
+    """Export a model to an ONNX directory: the graph (KV cache for decoders), config, generation config,
+    tokenizer and, for decoders, ``genai_config.json`` (onnxruntime-genai serves the directory as is); then
+    validate it in ONNX Runtime against PyTorch.
 
     Nothing is written unless export and validation both succeed: the directory is built beside ``out``
     and renamed into place at the end.
@@ -206,6 +210,8 @@ def export_source(
         inputs, outputs, external = _export_graph(loaded, staging / ONNX_FILENAME, dtype, opset)
         export_seconds = time.perf_counter() - started
         _copy_beside(source, loaded, staging)  # before validation, which reads the tokenizer
+        if loaded.kind == "decoder":  # onnxruntime-genai's model directory: the config beside the tokenizer
+            write_genai_config(loaded, staging)
         report = None
         if validate:
             report = validate_against(loaded, staging, dtype=dtype, device=device)
@@ -219,6 +225,8 @@ def export_source(
             export_seconds=export_seconds,
         )
         body = {**result.to_dict(), "source": source.name, "versions": _versions()}
+        if loaded.kind == "decoder":  # each cache layer's KV heads (a wide block's K x H_kv among H_kv)
+            body["cache_heads"] = [heads for heads, _ in loaded.cache]
         body.pop("out")
         (staging / REPORT_FILENAME).write_text(json.dumps(body, indent=2) + "\n")
         files.append((REPORT_FILENAME, (staging / REPORT_FILENAME).stat().st_size))

@@ -8,6 +8,10 @@ the ecosystem's loaders expect::
     position_ids [batch, sequence]
     past_key_values.{i}.key / .value [batch, heads, past_sequence, head_dim]
 
+A past longer than ``attention_mask.shape[1] - input_ids.shape[1]`` is a buffer (onnxruntime-genai's
+``past_present_share_buffer``): the new keys are written into it and the present is the buffer itself
+(:func:`_share_buffer_ready`).
+
 Encoders (BERT and its kin) map ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model
 has them) to ``last_hidden_state``.
 
@@ -206,6 +210,7 @@ def _export_graph(loaded: _Loaded, path: Path, dtype: str, opset: int) -> tuple[
         raise OnnxExportError(loaded.model_type, "naming", f"the graph's inputs are {got[:4]}..., expected {inputs[:4]}...")
     if loaded.kind == "decoder":
         _rename_dim(graph.inputs[1], 1, "total_sequence_length")
+        program.model.metadata_props["surgery.share_buffer"] = str(_share_buffer_ready(graph)).lower()
     program.model.metadata_props.update({"surgery.kind": loaded.kind, "surgery.dtype": dtype,
                                          "surgery.model_type": loaded.model_type})
     weight_bytes = sum(int(v.const_value.nbytes) for v in graph.initializers.values() if v.const_value is not None)
@@ -258,6 +263,68 @@ def _optimize(model: Any) -> None:
         common.OutputFixPass(),
         common.NameFixPass(),
     )(model)
+
+
+def _share_buffer_ready(graph: Any) -> bool:
+    """Let each present output reuse its past input's buffer (onnxruntime-genai's ``past_present_share_buffer``).
+
+    The traced graph computes ``present = Concat(past, new)``: one step longer than its past. With the share
+    buffer, onnxruntime-genai binds one ``[batch, heads, max_length, head_dim]`` tensor as both past and
+    present, holding the valid past in its first ``past_length`` positions, where
+    ``past_length = attention_mask.shape[1] - input_ids.shape[1]``. The rewrite, per past/present pair::
+
+        full    = Concat(Slice(past, 0, past_length), new)     # what attention reads, as before
+        present = Concat(full, Slice(past, total_length, end))  # the keys in place, the buffer's tail kept
+
+    Everything else that read the past (its length, for the mask and positions) reads the valid part.
+    With a past exactly ``past_length`` long (surgery's runner, ``transformers``-style loaders, genai without
+    the share buffer) both slices are the identity and the empty tail: the same present as before. With a
+    buffer, the present is the buffer's length, its first ``total_length`` positions the new cache.
+
+    Returns:
+        Whether the graph was rewritten: False, and the graph untouched, when a present output is not
+        ``Concat(past, new)`` on the sequence axis (the graph's metadata ``surgery.share_buffer`` says which).
+    """
+    import onnx_ir
+
+    inputs = {value.name: value for value in graph.inputs}
+    concats = []
+    for present in graph.outputs[1:]:
+        concat = present.producer()
+        axis_attr = concat.attributes.get("axis") if concat is not None else None
+        if (concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or concat.inputs[0] is None
+                or not concat.inputs[0].is_graph_input() or axis_attr is None or axis_attr.as_int() not in (2, -2)):
+            return False
+        concats.append((present, concat))
+
+    def constant(name: str, values: list[int]) -> Any:
+        tensor = onnx_ir.tensor(np.array(values, dtype=np.int64), name=name)
+        value = onnx_ir.Value(name=name, shape=onnx_ir.Shape([len(values)]), type=onnx_ir.TensorType(onnx_ir.DataType.INT64),
+                              const_value=tensor)
+        graph.register_initializer(value)
+        return value
+
+    zero, axis, end = constant("share_zero", [0]), constant("share_axis", [2]), constant("share_end", [2**63 - 1])
+    total = onnx_ir.node("Shape", [inputs["attention_mask"]], {"start": 1, "end": 2}, name="share_total_length")
+    sequence = onnx_ir.node("Shape", [inputs["input_ids"]], {"start": 1, "end": 2}, name="share_sequence_length")
+    past_length = onnx_ir.node("Sub", [total.outputs[0], sequence.outputs[0]], name="share_past_length")
+    added = [total, sequence, past_length]
+    for present, concat in concats:
+        past, new = concat.inputs
+        view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
+        full = onnx_ir.node("Concat", [view.outputs[0], new], {"axis": -2}, name=f"{present.name}.full")
+        tail = onnx_ir.node("Slice", [past, total.outputs[0], end, axis], name=f"{present.name}.buffer_tail")
+        for user, index in list(present.uses()):  # attention reads the full cache; the output stays
+            user.replace_input_with(index, full.outputs[0])
+        concat.replace_input_with(0, full.outputs[0])
+        concat.replace_input_with(1, tail.outputs[0])
+        for user, index in list(past.uses()):  # e.g. the past length read from its shape: the valid part's
+            if user is not view and user is not tail:
+                user.replace_input_with(index, view.outputs[0])
+        added += [view, full, tail]
+    graph.extend(added)
+    graph.sort()
+    return True
 
 
 def _rename_dim(value: Any, axis: int, name: str) -> None:

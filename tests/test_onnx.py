@@ -22,6 +22,7 @@ import surgery
 from exporters import onnx as onnx_export
 from exporters import onnx_graph, onnx_parity, onnx_session
 from exporters.onnx import EXTERNAL_DATA_FILENAME, OnnxExportResult, export_onnx
+from exporters.onnx_genai import genai_greedy, genai_problem
 from exporters.onnx_runtime import OnnxCausalLM, cuda_problem, generate
 from surgery.cli import main
 from surgery.errors import (
@@ -376,6 +377,96 @@ def test_generate_needs_a_tokenizer(tiny_onnx: Callable[..., OnnxExportResult]) 
         generate(tiny_onnx("llama").out, "hi", max_new_tokens=2)
 
 
+# ------------------------------------------------------------------------------------------ onnxruntime-genai
+
+needs_genai = pytest.mark.skipif(genai_problem() is not None, reason=str(genai_problem()))
+GENAI_TOKENS = 32
+
+
+def _assert_genai_config(directory: Path, model_dir: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """genai_config.json checked against the model's own config, its generation config and the graph's inputs."""
+    import transformers
+
+    body = json.loads((directory / "genai_config.json").read_text())
+    config = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).get_text_config()
+    generation = transformers.GenerationConfig.from_pretrained(str(directory))
+    model, decoder, search = body["model"], body["model"]["decoder"], body["search"]
+    graph = _graph(directory)
+    names = [v.name for v in graph.input]
+    past = [v for v in graph.input if v.name.startswith("past_key_values.") and v.name.endswith(".key")]
+    assert decoder["num_hidden_layers"] == len(past) == config.num_hidden_layers
+    assert decoder["hidden_size"] == config.hidden_size and decoder["num_attention_heads"] == config.num_attention_heads
+    assert decoder["num_key_value_heads"] == getattr(config, "num_key_value_heads", config.num_attention_heads)
+    assert {_dims(v)[3] for v in past} == {decoder["head_size"]}
+    assert decoder["head_size"] == getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    assert model["vocab_size"] == config.vocab_size == _dims(graph.output[0])[2]
+    assert model["context_length"] == config.max_position_embeddings == search["max_length"]
+    for key in ("eos_token_id", "bos_token_id"):
+        assert model.get(key) == getattr(generation, key), key
+    assert model["pad_token_id"] in (generation.pad_token_id, generation.eos_token_id)
+    for key in ("do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty"):
+        expected = getattr(generation, key)
+        assert expected is None or search[key] == expected, key
+    assert search["past_present_share_buffer"] is False
+    assert decoder["filename"] == "model.onnx"
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        assert decoder["inputs"][key] in names
+    assert decoder["inputs"]["past_key_names"] % 0 in names and decoder["inputs"]["past_value_names"] % 0 in names
+    outputs = [v.name for v in graph.output]
+    assert decoder["outputs"]["logits"] == outputs[0]
+    assert decoder["outputs"]["present_key_names"] % (len(past) - 1) in outputs
+    return body
+
+
+def _assert_genai_greedy_equals_transformers(directory: Path, model: Any, prompt_ids: list[int]) -> list[int]:
+    """onnxruntime-genai's greedy tokens on the export equal transformers' generate on the PyTorch model, with
+    the dynamic cache (as written) and with the share buffer (one static buffer per past/present pair)."""
+    import torch
+
+    with torch.no_grad():
+        ids = torch.tensor([prompt_ids])
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GENAI_TOKENS, do_sample=False,
+                                  pad_token_id=model.generation_config.eos_token_id)[0, len(prompt_ids):].tolist()
+    assert genai_greedy(directory, prompt_ids, GENAI_TOKENS) == expected
+    assert genai_greedy(directory, prompt_ids, GENAI_TOKENS, share_buffer=True) == expected
+    return expected
+
+
+@needs_genai
+def test_genai_runs_tiny_exports(tiny_onnx: Callable[..., OnnxExportResult], tiny_model: Callable[..., Path],
+                                 tiny_models: Callable[[str], Any], tmp_path: Path) -> None:
+    """A tiny Llama export and a tiny wide-block export (4 KV heads in the wide layers, 2 elsewhere) run in
+    onnxruntime-genai on the CPU with the written genai_config.json: 32 greedy tokens equal transformers',
+    with and without the share buffer."""
+    import transformers
+
+    result = tiny_onnx("llama")
+    _assert_genai_config(result.out, tiny_model("llama"))
+    metadata = {p.key: p.value for p in onnx.load(str(result.out / "model.onnx"), load_external_data=False).metadata_props}
+    assert metadata["surgery.share_buffer"] == "true"  # every present rewritten to fill a share buffer
+    assert json.loads((result.out / "genai_config.json").read_text())["model"]["type"] == "llama"
+    assert len(_assert_genai_greedy_equals_transformers(result.out, tiny_models("llama"), [5, 6, 7, 8])) == GENAI_TOKENS
+    wide = tmp_path / "wide"
+    surgery.parallel(tiny_model("llama"), wide, groups="1-2,3-4", quiet=True, onnx=True)
+    body = _assert_genai_config(wide / "onnx", wide, trust_remote_code=True)
+    report = json.loads((wide / "onnx" / "onnx-export.json").read_text())
+    assert report["cache_heads"] == [2, 4, 4, 2]  # the wide blocks' K x H_kv heads, read by genai from the graph
+    assert body["model"]["type"] == "decoder" and body["model"]["decoder"]["num_key_value_heads"] == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(wide), trust_remote_code=True).eval()
+    _assert_genai_greedy_equals_transformers(wide / "onnx", model, [5, 6, 7, 8])
+
+
+def test_genai_config_only_for_decoders(tiny_onnx: Callable[..., OnnxExportResult],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encoders get no genai_config.json; without onnxruntime-genai, running one is a CheckpointError naming the extra."""
+    from exporters import onnx_genai
+
+    assert not (tiny_onnx("bert").out / "genai_config.json").exists()
+    monkeypatch.setattr(onnx_genai, "genai_problem", lambda: "onnxruntime-genai is not installed; pip install 'layer-surgery[genai]'")
+    with pytest.raises(SurgeryError, match=r"layer-surgery\[genai\]"):
+        genai_greedy(tiny_onnx("llama").out, [1, 2], 2)
+
+
 # ------------------------------------------------------------------------------------------ real models: truth
 
 
@@ -449,19 +540,59 @@ def test_smollm2_repeated_fp16(smol_pruned: Path, tmp_path: Path) -> None:
     assert len(generate(out, "Once upon a time", max_new_tokens=4).token_ids) == 4
 
 
+@pytest.fixture(scope="module")
+def smol_wide(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, OnnxExportResult]:
+    """SmolLM2-135M with layers 10-11 and 12-13 merged into wide blocks, and its validated export."""
+    root = tmp_path_factory.mktemp("smol-wide")
+    surgery.parallel(smollm2_dir, root / "wide", groups="10-11,12-13", quiet=True)
+    return root / "wide", export_onnx(root / "wide", root / "wide-onnx", quiet=True, trust_remote_code=True)
+
+
 @pytest.mark.real
-def test_smollm2_wide_blocks(smollm2_dir: Path, tmp_path: Path) -> None:
+def test_smollm2_wide_blocks(smol_wide: tuple[Path, OnnxExportResult]) -> None:
     """SmolLM2-135M with two pairs of layers merged into wide blocks (modelling code inside the checkpoint,
     6 KV heads in the wide blocks, 3 elsewhere): export, validation and generation at full size."""
-    wide = tmp_path / "wide"
-    surgery.parallel(smollm2_dir, wide, groups="10-11,12-13", quiet=True)
-    result = export_onnx(wide, tmp_path / "wide-onnx", quiet=True, trust_remote_code=True)
+    result = smol_wide[1]
     _assert_validated(result)
     _assert_decoder_layout(result.out, 28)
     lm = OnnxCausalLM.load(result.out)
     assert lm.num_layers == 28 and [c.heads for c in lm.cache[::2]].count(6) == 2
     assert {c.heads for c in lm.cache} == {3, 6}
     assert len(generate(result.out, "The capital of France is", max_new_tokens=4).token_ids) == 4
+
+
+def _assert_genai_serves_smollm2(directory: Path, checkpoint: Path, trust_remote_code: bool = False) -> None:
+    """The export as onnxruntime-genai loads it: config fields against the model's, its tokenizer against
+    transformers', and 32 greedy tokens against transformers' generate (with and without the share buffer)."""
+    import onnxruntime_genai as og
+    import torch
+    import transformers
+
+    _assert_genai_config(directory, checkpoint, trust_remote_code=trust_remote_code)
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    ids = transformers.AutoTokenizer.from_pretrained(str(directory))(prompt)["input_ids"]
+    assert og.Tokenizer(og.Model(str(directory))).encode(prompt).tolist() == ids  # genai reads the tokenizer files
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
+                                                              trust_remote_code=trust_remote_code).eval()
+    tokens = _assert_genai_greedy_equals_transformers(directory, model, ids)
+    assert len(tokens) == GENAI_TOKENS
+
+
+@pytest.mark.real
+@needs_genai
+def test_genai_serves_smollm2_pruned(smol_pruned: Path) -> None:
+    """SmolLM2 pruned with --drop 10-20 (19 layers), exported with --onnx: onnxruntime-genai on the CPU."""
+    _assert_genai_serves_smollm2(smol_pruned / "onnx", smol_pruned)
+
+
+@pytest.mark.real
+@needs_genai
+def test_genai_serves_smollm2_wide_blocks(smol_wide: tuple[Path, OnnxExportResult]) -> None:
+    """SmolLM2 with two wide blocks (6 KV heads there, 3 elsewhere): onnxruntime-genai on the CPU."""
+    checkpoint, result = smol_wide
+    report = json.loads((result.out / "onnx-export.json").read_text())
+    assert report["cache_heads"].count(6) == 2 and set(report["cache_heads"]) == {3, 6}
+    _assert_genai_serves_smollm2(result.out, checkpoint, trust_remote_code=True)
 
 
 @pytest.mark.real

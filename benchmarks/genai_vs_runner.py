@@ -1,0 +1,147 @@
+"""Benchmark: onnxruntime-genai against surgery's runner on the same ONNX export, batch 1, on this CPU.
+
+What it measures
+    For SmolLM2-135M (the embedded model, dequantized to fp32) and its ``--drop 10-20`` version, each
+    exported once with ``surgery export-onnx`` (which writes ``genai_config.json``), side by side in one run
+    with the same thread count:
+
+    * decode speed: tokens per second over ``--decode`` greedy steps after a ``--prompt``-token prefill,
+      in surgery's runner (:class:`exporters.onnx_runtime.OnnxCausalLM`, the engine of ``surgery generate``,
+      CPUExecutionProvider) and in onnxruntime-genai (its ``Generator`` on the same directory, CPU provider),
+      with ``past_present_share_buffer`` false as written (a dynamic cache) and true (one static buffer per
+      past/present pair, ``max_length`` = prompt + decode + 1, so the buffer is as short as the run allows);
+    * the ratios genai / runner per model, and whether the greedy tokens of all three agree.
+
+    Engines alternate within each round; the figures are the best of ``--repeat`` rounds (a machine shared
+    with other jobs only ever makes a run slower), and the median is printed too.
+
+How to run (needs ``pip install 'layer-surgery[genai]'``)
+    python benchmarks/genai_vs_runner.py                         # 1 thread, 5 rounds
+    python benchmarks/genai_vs_runner.py --workdir /tmp/genai-bench   # reuse the exports next time
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import surgery  # noqa: E402
+from exporters.onnx import export_onnx  # noqa: E402
+from exporters.onnx_genai import genai_problem  # noqa: E402
+from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
+from surgery.source import open_source  # noqa: E402
+
+
+def export(source: Path, workdir: Path, name: str, drop: str | None) -> Path:
+    """The ONNX directory of the model (pruned first with ``drop``), written once into the work directory."""
+    checkpoint = source if drop is None else workdir / name
+    onnx_dir = workdir / f"{name}-onnx"
+    if drop is not None and not (checkpoint / "config.json").exists():
+        surgery.prune(source, checkpoint, drop=drop, quiet=True)
+    if not (onnx_dir / "genai_config.json").exists():
+        sys.stderr.write(f"exporting {name} to ONNX (validated)...\n")
+        export_onnx(checkpoint, onnx_dir, quiet=True, force=True)
+    return onnx_dir
+
+
+class Genai:
+    """onnxruntime-genai on an export directory, with ``threads`` intra-op threads."""
+
+    def __init__(self, directory: Path, threads: int, share_buffer: bool) -> None:
+        import json
+
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(directory))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}},
+                                   "search": {"past_present_share_buffer": share_buffer}}))
+        self.model = og.Model(config)
+
+    def greedy(self, ids: list[int], steps: int) -> tuple[float, list[int]]:
+        """(decode tokens/s after the first token, the generated ids)."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + steps + 1)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        generator.generate_next_token()
+        tokens = [int(generator.get_next_tokens()[0])]
+        started = time.perf_counter()
+        for _ in range(steps):
+            if generator.is_done():  # the end-of-sequence token: as the runner, stop there
+                break
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return (len(tokens) - 1) / (time.perf_counter() - started), tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both engines (default 1)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    parser.add_argument("--decode", type=int, default=128, help="decode steps per round (default 128)")
+    parser.add_argument("--workdir", type=Path, help="where the exports go (default: a temporary directory)")
+    args = parser.parse_args()
+    if (problem := genai_problem()) is not None:
+        sys.exit(problem)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genai-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import onnxruntime_genai as og
+
+    source = open_source(None, quiet=True).path
+    print(f"machine: {platform.machine()} {os.cpu_count()} logical CPUs, onnxruntime-genai {og.__version__}, "
+          f"threads {args.threads}, prompt {args.prompt} tokens, {args.decode} decode steps, best of {args.repeat}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    rows = []
+    for name, drop in (("SmolLM2-135M", None), ("SmolLM2-135M --drop 10-20", "10-20")):
+        onnx_dir = export(source, workdir, name.split()[0] + ("-drop" if drop else ""), drop)
+        runner = OnnxCausalLM.load(onnx_dir, threads=args.threads)
+        genai = {"genai": Genai(onnx_dir, args.threads, False), "genai share": Genai(onnx_dir, args.threads, True)}
+        ids = np.random.default_rng(0).integers(100, 40_000, (1, args.prompt)).astype(np.int64)
+        runner.greedy(ids, max_new_tokens=4)  # warm-up all three
+        for engine in genai.values():
+            engine.greedy(ids[0].tolist(), 4)
+        speeds: dict[str, list[float]] = {"runner": [], "genai": [], "genai share": []}
+        same = True
+        order = list(speeds)
+        for round_ in range(args.repeat):
+            tokens: dict[str, list[int]] = {}
+            for engine in order[round_ % 3:] + order[:round_ % 3]:  # each engine first in turn
+                if engine == "runner":
+                    result = runner.greedy(ids, max_new_tokens=args.decode + 1)
+                    speed, tokens[engine] = result.decode_tokens_per_second, result.tokens[0].tolist()
+                else:
+                    speed, tokens[engine] = genai[engine].greedy(ids[0].tolist(), args.decode)
+                speeds[engine].append(speed)
+                sys.stderr.write(f"  {name} round {round_ + 1} {engine}: decode {speed:.1f} tok/s\n")
+            same = same and tokens["runner"] == tokens["genai"] == tokens["genai share"]
+        rows.append((name, runner.num_layers, speeds, same))
+        del runner, genai
+
+    print()
+    print("| model | layers | surgery's runner (tok/s) | onnxruntime-genai (tok/s) | genai, share buffer (tok/s) | "
+          "genai / runner | share / runner | medians (runner / genai / share) | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, layers, speeds, same in rows:
+        best = {engine: max(values) for engine, values in speeds.items()}
+        medians = " / ".join(f"{statistics.median(values):.1f}" for values in speeds.values())
+        print(f"| {name} | {layers} | {best['runner']:.1f} | {best['genai']:.1f} | {best['genai share']:.1f} | "
+              f"{best['genai'] / best['runner']:.2f}x | {best['genai share'] / best['runner']:.2f}x | {medians} | "
+              f"{'yes' if same else 'NO'} |")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
