@@ -3,7 +3,8 @@
 ORIGINAL is the teacher and NEW (an output of this tool) the student. The text is cut into token
 windows and split in text order: the first part trains, the last part (``held_out``) only measures.
 The teacher's next-token distribution on every training window is computed once and kept as its
-top-k probabilities (renormalised); each step minimises KL(teacher_top-k || student) over a batch.
+top-k probabilities plus the mass of every other token as one bucket; each step minimises the KL of
+teacher and student over those k + 1 outcomes (see :func:`_distill_loss`) over a batch.
 
 Before training, each cut is bridged in closed form (``init="linear"``, after ReplaceMe, Shopkhoev et
 al. 2025): the block before the cut ends in a linear layer whose output is added to the residual
@@ -301,7 +302,7 @@ class HealReport:
             "",
             "After the surgery, this model was trained to match the original's next-token distribution "
             "(distillation: KL(original ‖ model) on the original's top-"
-            f"{s.top_k} probabilities) with LoRA adapters, merged into the weights. No PEFT is needed to load it.",
+            f"{s.top_k} probabilities and the rest of the vocabulary as one bucket) with LoRA adapters, merged into the weights. No PEFT is needed to load it.",
             "",
             f"- text: {self.data}; the first {1 - s.held_out:.0%} trains ({self.train_windows} windows of {s.seq_len} tokens), "
             f"the last {s.held_out:.0%} is held out ({self.held_out_windows} windows measured)",
@@ -371,7 +372,8 @@ def _stack(model: Any) -> tuple[str, Any]:
 def _teacher_targets(
     teacher: Any, windows: torch.Tensor, top_k: int, batch_size: int, quiet: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's top-k next-token probabilities (renormalised) and their token ids, per position."""
+    """The teacher's top-k next-token probabilities (as they are, not renormalised: the rest of the
+    mass is the tail bucket of :func:`_distill_loss`) and their token ids, per position."""
     import torch
     from tqdm.auto import tqdm
 
@@ -382,18 +384,36 @@ def _teacher_targets(
             logits = teacher(input_ids=batch).logits.float()
             p = torch.softmax(logits, dim=-1)
             values, indices = p.topk(top_k, dim=-1)
-            probs.append(values / values.sum(-1, keepdim=True))
+            probs.append(values)
             ids.append(indices.to(torch.int32))
             bar.update(len(batch))
     return torch.cat(probs), torch.cat(ids)
 
 
 def _distill_loss(logits: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher top-k || student) restricted to the teacher's top-k tokens."""
+    """Mean over positions of KL(teacher || student) over the teacher's top-k tokens plus one bucket
+    for every other token (the teacher's remaining mass against the student's).
+
+    Why the bucket: a loss on the top-k alone, renormalised, is minimised by a student that puts no
+    mass outside the top k, sharper than the teacher; on SmolLM2 that raised the held-out KL on the
+    full vocabulary while the training loss fell. With the bucket the loss is the KL of the two
+    distributions coarsened to k + 1 outcomes: at most the full KL, and zero only when the student
+    matches the teacher's tail mass too.
+    """
     import torch
 
-    log_q = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.long())
-    return (probs * (torch.log(probs.clamp_min(1e-12)) - log_q)).sum(-1).mean()
+    logits = logits.float()
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_q = logits.gather(-1, ids.long()) - log_norm
+    head = (probs * (torch.log(probs.clamp_min(1e-12)) - log_q)).sum(-1)
+    if ids.shape[-1] >= logits.shape[-1]:  # every token kept: no tail
+        return head.mean()
+    # The student's log-mass outside the teacher's top k, computed from the logits (not 1 - sum q,
+    # which cancels catastrophically when the top k hold nearly all the mass).
+    log_q_tail = torch.logsumexp(logits.scatter(-1, ids.long(), float("-inf")), dim=-1, keepdim=True) - log_norm
+    p_tail = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0)
+    tail = (p_tail * (torch.log(p_tail.clamp_min(1e-12)) - log_q_tail)).squeeze(-1)
+    return (head + tail).mean()
 
 
 @contextmanager

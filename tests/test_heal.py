@@ -389,3 +389,87 @@ def test_accelerate_launch_runs_the_same_heal(pruned: tuple[Path, Path], text_fi
                  device="cpu", quiet=True)
     launched, direct = read_tensor_index(tmp_path / "launched"), read_tensor_index(tmp_path / "direct")
     assert {n: tensor_bytes(e) for n, e in launched.items()} == {n: tensor_bytes(e) for n, e in direct.items()}
+
+
+# -- heal --validate (issue 17): OUT measured on the held-out text and recorded in its card -------------
+
+HEAL_CLI = ["--steps", "2", "--seq-len", "32", "--max-minutes", "0", "--lr", "3e-3", "--eval-tokens", "256",
+            "--device", "cpu", "-q", "--prompts", "0"]
+
+
+def test_heal_validate_measures_out_on_the_held_out_text_and_records_it(
+    pruned: tuple[Path, Path], text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from exporters.card import check_validated
+
+    original, new = pruned
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "heal", str(original), str(new), str(out), "--data", str(text_file),
+                                "--validate", "--max-kl", "5", *HEAL_CLI, "--json")
+    assert code == 0, err
+    body = json.loads(stdout)
+    validation = body["validation"]
+    assert validation["passed"] is True and "held out" in validation["data"]
+    # The text validate measured is the held-out windows' text: the end of the file, never trained on.
+    report = surgery.heal(original, new, None, data=text_file, dry_run=True, **{**FAST, "steps": 1})
+    text = text_file.read_text(encoding="utf-8")
+    assert report.held_out_text and text.rindex(report.held_out_text) >= 0.85 * len(text)
+    record = check_validated(out)  # the push would accept it: validated, on these weights
+    [row] = record["validation"]
+    assert row["text"].endswith("hamlet.txt (held out: its last 10%, not trained on)")
+    assert HEAL_SECTION in (out / "README.md").read_text()  # the heal section is still there beside the table
+
+
+def test_heal_validate_missed_gate_exits_1_and_keeps_the_healed_output(
+    pruned: tuple[Path, Path], text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from exporters.card import check_validated
+    from surgery.errors import UnvalidatedOutputError
+
+    original, new = pruned
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "heal", str(original), str(new), str(out), "--data", str(text_file),
+                                "--validate", "--max-kl", "0", *HEAL_CLI)
+    assert code == 1, err
+    assert err.startswith("surgery: validation failed: --max-kl 0: KL") and err.count("\n") == 1
+    assert "validation" in stdout.lower()  # the report is printed after the heal table
+    assert (out / "model.safetensors").is_file()  # the healed weights are kept ...
+    with pytest.raises(UnvalidatedOutputError):  # ... but the missed gate in the card stops a push
+        check_validated(out)
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--max-kl", "0.5"], "apply only with validate"),
+    (["--validate", "--dry-run"], "a dry run writes nothing"),
+    (["--validate", "--max-kl", "-1"], "max"),
+])
+def test_heal_validate_options_are_refused_before_training(
+    pruned: tuple[Path, Path], text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    extra: list[str], expected: str,
+) -> None:
+    original, new = pruned
+    code, _, err = run_cli(capsys, "heal", str(original), str(new), str(tmp_path / "out"), "--data", str(text_file),
+                           *HEAL_CLI, *extra)
+    assert_one_line_error(code, err, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_loss_is_the_kl_over_the_top_k_and_one_tail_bucket() -> None:
+    """Against KL computed independently from the full distributions: equal when k is the vocabulary,
+    equal to the KL of the two distributions coarsened to (top k, everything else) otherwise, never above
+    the full KL, and zero when the student is the teacher."""
+    from surgery.healing import _distill_loss
+
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 40, generator=generator) * 3, torch.randn(2, 5, 40, generator=generator) * 3
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    full = float((p * (p.log() - q.log())).sum(-1).mean())
+    top, ids = p.topk(40, dim=-1)
+    assert float(_distill_loss(student, top, ids)) == pytest.approx(full, rel=1e-5)
+    top, ids = p.topk(6, dim=-1)
+    q_top = q.gather(-1, ids)
+    p_rest, q_rest = 1 - top.sum(-1), 1 - q_top.sum(-1)
+    coarse = ((top * (top.log() - q_top.log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).mean()
+    assert float(_distill_loss(student, top, ids)) == pytest.approx(float(coarse), rel=1e-5)
+    assert float(_distill_loss(student, top, ids)) < full
+    assert abs(float(_distill_loss(teacher, top, ids))) < 1e-6
