@@ -20,6 +20,7 @@ from surgery.source import Source, open_source
 from surgery.widen import CodeUpdate, execute_parallel, update_modeling_code
 
 if TYPE_CHECKING:
+    from surgery.corpus import TextSet
     from surgery.healing import HealReport
     from surgery.loading import MeasureOptions
     from surgery.report import ValidationReport
@@ -246,7 +247,7 @@ def validate(
     *,
     plan: str | Plan | None = None,
     recipe: PathLike | Recipe | None = None,
-    data: PathLike | None = None,
+    data: PathLike | TextSet | None = None,
     max_kl: float | None = None,
     min_top1: float | None = None,
     min_cosine: float | None = None,
@@ -265,7 +266,8 @@ def validate(
         new: a checkpoint written from ``original`` (exclusive with ``plan``/``recipe``).
         plan: a plan run in memory instead of NEW (nothing is written, no card).
         recipe: a recipe file or output directory whose plan to run in memory.
-        data: a ``.txt`` or ``.jsonl`` file; None for the default corpus (Hamlet).
+        data: a ``.txt`` or ``.jsonl`` file, None for the default corpus (Hamlet), or a
+            :class:`~surgery.corpus.TextSet` already read.
         max_kl: the gate on KL(original || new); a missed gate gives ``report.passed`` False (and is
             recorded in the card, so the push refuses it).
         min_top1: the gate on top-1 agreement (a share, 0-1), as ``max_kl``.
@@ -684,6 +686,10 @@ class HealOptions(TypedDict, total=False):
     select: keep training only when it lowers the KL on validation windows (default True).
     device: ``cpu``, ``cuda`` or ``auto``.
     text_field: the JSON field holding the text in a ``.jsonl`` file.
+    validate: once OUT is written, run :func:`validate` on it against ORIGINAL, on the held-out
+        text (never trained on), and record the report in OUT's card (``report.validation``).
+    max_kl, min_top1: with ``validate``, its gates (``report.validation.passed``).
+    prompts, new_tokens: with ``validate``, its greedy-agreement prompts and tokens per prompt.
     quiet, allow_pickle, trust_remote_code: as for every verb.
     """
 
@@ -704,6 +710,11 @@ class HealOptions(TypedDict, total=False):
     select: bool
     device: str
     text_field: str
+    validate: bool
+    max_kl: float | None
+    min_top1: float | None
+    prompts: int
+    new_tokens: int
     quiet: bool
     allow_pickle: bool
     trust_remote_code: bool
@@ -744,7 +755,9 @@ def heal(
         The :class:`~surgery.healing.HealReport`.
 
     Raises:
-        OptionError: a bad option, or not exactly one of NEW / plan / recipe.
+        OptionError: a bad option, not exactly one of NEW / plan / recipe, or ``validate`` with
+            ``dry_run`` (nothing is written to validate; the report's held-out table is the
+            in-memory measurement), or a gate without ``validate``.
         PlanError: NEW not made from a model with ORIGINAL's layer count, or a block outside NEW.
         TokenizerMismatchError: different vocabularies or tokenizers.
         DataError: an empty or too short text.
@@ -764,6 +777,7 @@ def heal(
 
     if sum(x is not None for x in (new, plan, recipe)) != 1:
         raise OptionError("give exactly one of NEW (an output of this tool), a plan (--plan) and a recipe (--recipe)")
+    _check_heal_validation(options, dry_run=dry_run)
     training: dict[str, Any] = {key: options[key] for key in (
         "steps", "max_minutes", "rank", "alpha", "lr", "batch_size", "seq_len", "held_out", "eval_tokens", "top_k", "seed", "init", "select",
     ) if key in options}
@@ -779,8 +793,9 @@ def heal(
         "trust_remote_code": options.get("trust_remote_code", False),
     })
     if new is not None:
-        return heal_checkpoint(original, new, out, data=data, heal_settings=settings, measure=measure,
-                               force=force, dry_run=dry_run)
+        report = heal_checkpoint(original, new, out, data=data, heal_settings=settings, measure=measure,
+                                 force=force, dry_run=dry_run)
+        return _validate_healed(original, report, options)
     # A plan of ORIGINAL: written (with its card and recipe) into a private directory beside OUT, healed, removed.
     parent = Path(out).resolve().parent if out is not None else None
     if parent is not None:
@@ -794,7 +809,52 @@ def heal(
         else:
             apply(original, written, recipe=recipe, quiet=measure.quiet, allow_pickle=measure.allow_pickle,
                   trust_remote_code=measure.trust_remote_code)
-        return heal_checkpoint(original, written, out, data=data, heal_settings=settings, measure=measure,
-                               force=force, dry_run=dry_run)
+        report = heal_checkpoint(original, written, out, data=data, heal_settings=settings, measure=measure,
+                                 force=force, dry_run=dry_run)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return _validate_healed(original, report, options)
+
+
+_HEAL_VALIDATION_ONLY = ("max_kl", "min_top1", "prompts", "new_tokens")
+
+
+def _check_heal_validation(options: HealOptions, *, dry_run: bool) -> None:
+    """Refuse validation options that cannot apply, before any training."""
+    if not options.get("validate"):
+        given = [key for key in _HEAL_VALIDATION_ONLY if options.get(key) is not None]
+        if given:
+            raise OptionError(f"{', '.join(given)} apply only with validate (--validate)")
+        return
+    if dry_run:
+        raise OptionError("validate (--validate) measures the written OUT; a dry run writes nothing",
+                          hint="drop --dry-run (the dry run's held-out table is its in-memory measurement)")
+    from surgery.bars import check_bar_values
+
+    check_bar_values({"max_kl": options.get("max_kl"), "min_top1": options.get("min_top1"), "min_cosine": None})
+
+
+def _validate_healed(original: PathLike | None, report: HealReport, options: HealOptions) -> HealReport:
+    """With ``validate``: measure the written OUT against ORIGINAL on the held-out text (the last
+    ``held_out`` share, which training never saw) and record it in OUT's card. A failure while
+    measuring leaves OUT as written (complete, its card without validation: push refuses it)."""
+    if not options.get("validate") or report.out is None:
+        return report
+    import dataclasses
+
+    from surgery.corpus import TextSet
+
+    held_out = TextSet(f"{report.data} (held out: its last {report.settings.held_out:.0%}, not trained on)",
+                       (report.held_out_text,))
+    # A wide-block OUT runs the modelling code this tool wrote into it: trusting it trusts this tool.
+    wide = read_json_object(Path(report.out) / "config.json", "config.json").get("model_type") == "surgery_parallel"
+    measure: dict[str, Any] = {
+        "device": options.get("device", "auto"), "quiet": options.get("quiet", False),
+        "allow_pickle": options.get("allow_pickle", False),
+        "trust_remote_code": options.get("trust_remote_code", False) or wide,
+        "seq_len": report.settings.seq_len,  # the windows heal measured its held-out table with
+        **{key: options[key] for key in ("prompts", "new_tokens") if options.get(key) is not None},
+    }
+    validation = validate(original, report.out, data=held_out, max_kl=options.get("max_kl"),
+                          min_top1=options.get("min_top1"), **measure)
+    return dataclasses.replace(report, validation=validation)

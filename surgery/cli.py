@@ -352,8 +352,12 @@ def _cmd_heal(args: argparse.Namespace) -> None:
         layers=args.layers, full_layers=args.full_layers, init=args.init, select=not args.no_select, batch_size=args.batch_size, seq_len=args.seq_len,
         held_out=args.held_out, eval_tokens=args.eval_tokens, top_k=args.top_k, seed=args.seed, device=args.device,
         quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        validate=args.validate, max_kl=args.max_kl, min_top1=args.min_top1, prompts=args.prompts, new_tokens=args.new_tokens,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    if report.validation is not None and not report.validation.passed:
+        sys.stderr.write("surgery: validation failed: " + "; ".join(report.validation.missed) + "\n")
+        raise SystemExit(EXIT_GATE)
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -530,6 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
     hea.add_argument("--seed", type=int, default=0, help="batch order and adapter initialisation (default 0)")
     hea.add_argument("--force", action="store_true", help="replace OUT if it is empty or an earlier output of this tool")
     hea.add_argument("--dry-run", action="store_true", help="train and measure, write nothing")
+    heal_check = hea.add_argument_group("validate OUT (see 'surgery validate')")
+    heal_check.add_argument("--validate", action="store_true",
+                            help="once OUT is written, validate it against ORIGINAL on the held-out text (never trained "
+                                 "on): print the report, record it in OUT's card, exit 1 on a missed --max-kl / --min-top1")
+    heal_check.add_argument("--max-kl", type=_bar_value, metavar="X", help="with --validate: fail (exit 1) if KL is above X")
+    heal_check.add_argument("--min-top1", type=_bar_value, metavar="X",
+                            help="with --validate: fail (exit 1) if top-1 agreement is below X (0-1)")
+    heal_check.add_argument("--prompts", type=int, help="with --validate: prompts for greedy agreement, 0 to skip (default 8)")
+    heal_check.add_argument("--new-tokens", type=int, help="with --validate: greedy tokens per prompt (default 32)")
 
     onx = verb("export-onnx", _cmd_export_onnx, "export to ONNX with KV cache, validated against PyTorch in ONNX Runtime")
     onx.add_argument("model", metavar="MODEL", help="a checkpoint of this tool (standard or wide-block) or any supported model")

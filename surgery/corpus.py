@@ -97,14 +97,15 @@ def default_text() -> str:
     return plain_play(default_corpus_path().read_text(encoding="utf-8"))
 
 
-def read_texts(data: str | os.PathLike[str] | None, *, text_field: str = TEXT_FIELD) -> TextSet:
-    """The documents of ``data``: a ``.txt`` file, a ``.jsonl`` file, or None for the default corpus.
+def read_texts(data: str | os.PathLike[str] | TextSet | None, *, text_field: str = TEXT_FIELD) -> TextSet:
+    """The documents of ``data``: a ``.txt`` file, a ``.jsonl`` file, None for the default corpus, or
+    a :class:`TextSet` already read (returned as it is; ``heal --validate`` measures its held-out part so).
 
     The file must be a regular file (a directory, FIFO or device such as ``/dev/zero`` is refused
     without reading from it) of at most :data:`MAX_DATA_BYTES`, in UTF-8.
 
     Args:
-        data: the file, or None.
+        data: the file, None, or a :class:`TextSet`.
         text_field: the field holding the text in each JSON line.
 
     Returns:
@@ -121,6 +122,8 @@ def read_texts(data: str | os.PathLike[str] | None, *, text_field: str = TEXT_FI
     """
     if data is None:
         return TextSet(DEFAULT_CORPUS_NAME, (default_text(),))
+    if isinstance(data, TextSet):
+        return data
     path = Path(data)
     try:
         handle, size = open_regular(path)

@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,8 @@ from surgery.source import open_source
 
 if TYPE_CHECKING:
     import torch
+
+    from surgery.report import ValidationReport
 
 HEAL_FILENAME = "surgery-heal.json"
 CARD_FILENAME = "README.md"
@@ -170,6 +172,10 @@ class HealReport:
         validation_kl_trained: their KL after training.
         kept: ``trained``, or ``start`` when training did not lower the validation KL and the
             weights training started from (NEW, bridged) were written instead.
+        held_out_text: the held-out windows measured, decoded back to text (what ``heal --validate``
+            measures OUT on, as text the training never saw).
+        validation: the :func:`surgery.validate` report of OUT against ORIGINAL on ``held_out_text``
+            (``validate=True`` only; recorded in OUT's card).
     """
 
     out: Path | None
@@ -196,6 +202,8 @@ class HealReport:
     validation_kl_start: float | None = None
     validation_kl_trained: float | None = None
     kept: str = "trained"
+    held_out_text: str = field(default="", repr=False, compare=False)
+    validation: ValidationReport | None = None
 
     @property
     def kl_ratio(self) -> float | None:
@@ -233,6 +241,7 @@ class HealReport:
             "validation_kl_trained": self.validation_kl_trained,
             "kept": self.kept,
             "kl_ratio": self.kl_ratio,
+            "validation": self.validation.to_dict() if self.validation is not None else None,
         }
 
     def table(self) -> str:
@@ -271,6 +280,8 @@ class HealReport:
         if self.kl_ratio is not None:
             lines.append(f"held-out KL after / before: {self.kl_ratio:.3f}")
         lines.append(f"wrote {self.out}" if self.out else "nothing written")
+        if self.validation is not None:
+            lines += ["", self.validation.format()]
         return "\n".join(lines)
 
     def _kept_text(self) -> str:
@@ -584,6 +595,7 @@ def heal_checkpoint(
         losses=tuple(losses), before=before, after=after, init_layers=init_layers, init_note=init_note,
         after_init=after_init, init_seconds=init_seconds, validation_windows=val_count, validation_kl_start=val_start,
         validation_kl_trained=val_trained, kept=kept,
+        held_out_text=_decode(teacher, held),
     )
     from accelerate import PartialState
 
@@ -608,6 +620,13 @@ def _split_windows(teacher: LoadedModel, texts: TextSet, hs: HealSettings) -> tu
     held_count = max(1, round(len(windows) * hs.held_out))
     train, held = windows[: len(windows) - held_count], windows[len(windows) - held_count :]
     return train, held[: max(1, hs.eval_tokens // seq_len)]
+
+
+def _decode(teacher: LoadedModel, windows: torch.Tensor) -> str:
+    """The windows' text (special tokens left out), in order."""
+    if teacher.tokenizer is None:
+        return ""
+    return "".join(teacher.tokenizer.decode(window, skip_special_tokens=True) for window in windows.tolist())
 
 
 def _measure(reference: Any, model: Any, windows: torch.Tensor, settings: Settings, label: str) -> Comparison:

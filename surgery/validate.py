@@ -114,7 +114,7 @@ def validate(
     *,
     plan: str | Plan | None = None,
     recipe: PathLike | Recipe | None = None,
-    data: PathLike | None = None,
+    data: PathLike | TextSet | None = None,
     max_kl: float | None = None,
     min_top1: float | None = None,
     min_cosine: float | None = None,
@@ -128,7 +128,8 @@ def validate(
         plan: a plan in range syntax (``"0-9,21-29"``) or a :class:`Plan`, run through
             :func:`surgery.view.plan_view` without writing anything.
         recipe: a recipe file (or an output directory of this tool) whose plan to run.
-        data: a ``.txt`` or ``.jsonl`` file; None for the default corpus (Hamlet).
+        data: a ``.txt`` or ``.jsonl`` file, None for the default corpus (Hamlet), or a
+            :class:`~surgery.corpus.TextSet` already read.
         max_kl: bar: mean KL(original || new) must be at most this (causal LMs).
         min_top1: bar: top-1 agreement must be at least this share (causal LMs).
         min_cosine: bar: mean-pooled embedding cosine must be at least this (encoders).
