@@ -38,7 +38,7 @@ def test_prune_and_generate(tmp_path: Path, surgery_cache: Path) -> None:
 # fails here. Those that run offline in a few seconds are run too, in their block's order in a
 # fresh directory: the writing verbs and `inspect` on the embedded default model or on what an
 # earlier command of the same block wrote. Measuring, training, exporting and pushing commands
-# (validate, analyze, sweep, heal, export-onnx, generate, push, --validate, --onnx, --push-to-hub)
+# (validate, analyze, sweep, heal, export-onnx, generate, push, --validate, --onnx, --push-to-hub, --to-layers)
 # take minutes or need the Hub, and so do commands naming an input no block writes (a placeholder
 # in capitals, `./dir`, a Hub repo id): those are only parsed. A `$ ` command in a console block
 # must print what the block shows after it: a `surgery: error:` line exactly, on stderr with exit 2;
@@ -48,7 +48,7 @@ DOC_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 _FENCE = re.compile(r"^\s*```\s*([\w-]*)")
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _SLOW_VERBS = {"validate", "analyze", "sweep", "heal", "export-onnx", "generate", "push"}
-_SLOW_FLAGS = {"--validate", "--onnx", "--push-to-hub"}
+_SLOW_FLAGS = {"--validate", "--onnx", "--push-to-hub", "--to-layers"}
 
 
 @dataclass(frozen=True)
