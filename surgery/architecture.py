@@ -178,7 +178,14 @@ class Architecture:
         """
         new = json.loads(json.dumps(raw))
         scoped = self._scoped(new)
+        stated = scoped.get(self.count_key)
         scoped[self.count_key] = len(plan)
+        # A config may state the count under two names (num_hidden_layers and n_layer, say); an alias
+        # left at the old count would contradict the new one. Keys holding another number mean
+        # something else and are left alone.
+        for key in LAYER_COUNT_KEYS:
+            if key != self.count_key and type(scoped.get(key)) is int and scoped.get(key) == stated:
+                scoped[key] = len(plan)
         for field, values in self.per_layer.items():
             scoped[field] = [values[i] for _, i in plan.mapping()]
         for field, indices in self.index_lists.items():

@@ -128,7 +128,8 @@ def _count(params: int | None) -> str:
 
 def _human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
+        # Compared after rounding to one decimal: 999,950 B is "1.0 MB", not "1000.0 KB".
+        if (int(size) if unit == "B" else round(size, 1)) < 1000:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1000
     return f"{size:.1f} TB"

@@ -198,6 +198,16 @@ def test_rewrite_config_permutes_lists_remaps_indices_and_keeps_the_rest() -> No
     assert arch.expected_fields(plan([3, 1, 1, 0])) == {"layer_types": ["a3", "a1", "a1", "a0"]}
 
 
+def test_rewrite_config_updates_an_alias_stating_the_same_count_and_nothing_else() -> None:
+    """num_hidden_layers and n_layer both say 6: both say 4 after a 4-layer plan; a key holding
+    another number (decoder_layers 2) is about something else and stays."""
+    raw = {"model_type": "m", "num_hidden_layers": 6, "n_layer": 6, "decoder_layers": 2, "n_layers": "6"}
+    arch = make_arch(raw)
+    new = arch.rewrite_config(raw, plan([3, 1, 1, 0]))
+    assert new == {"model_type": "m", "num_hidden_layers": 4, "n_layer": 4, "decoder_layers": 2, "n_layers": "6"}
+    assert raw["n_layer"] == 6
+
+
 def test_layer_fields_picks_lists_of_one_scalar_per_layer() -> None:
     derived = {
         "layer_types": ["a", "b", "c"],

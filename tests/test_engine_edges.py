@@ -147,6 +147,8 @@ def test_summary_of_a_dry_run_with_layer_types_and_unknown_parameters() -> None:
         (999, "999 B"),
         (1000, "1.0 KB"),
         (999_949, "999.9 KB"),
+        (999_950, "1.0 MB"),  # rounds up: shown in the next unit, never "1000.0 KB"
+        (999_950_000, "1.0 GB"),
         (1_000_000, "1.0 MB"),
         (2_500_000_000, "2.5 GB"),
         (999 * 10**9, "999.0 GB"),
