@@ -185,8 +185,8 @@ class SearchReport:
         lines = [
             f"search    {self.describe_method()}{', parallel groups allowed' if self.allow_parallel else ''}: "
             f"{self.source_layers} -> {self.to_layers} layers, {len(self.candidates)} candidates in {self.seconds:.1f} s",
-            f"text      {self.data}: calibration {self.calibration_windows} windows, held out "
-            f"{self.held_out_windows} windows (the last {self.held_out_share:.0%}), {self.seq_len} tokens each",
+            f"text      {self.data}: calibration {_windows(self.calibration_windows)}, held out "
+            f"{_windows(self.held_out_windows)} (the last {self.held_out_share:.0%}), {self.seq_len} tokens each",
             f"{'step':>4}  {'layers':>6}  {'change':<16}{'calib. KL':>10}  plan",
         ]
         for row in self.trace:
@@ -224,6 +224,10 @@ class SearchReport:
             "trace": [row.to_dict() for row in self.trace],
             "candidates": [row.to_dict() for row in self.candidates],
         }
+
+
+def _windows(count: int) -> str:
+    return f"{count} window" if count == 1 else f"{count} windows"
 
 
 def check_target(to_layers: object, num_layers: int, method: str, *, beam: int = 1, block_by: str = "measured",
