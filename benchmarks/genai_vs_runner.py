@@ -2,15 +2,16 @@
 
 What it measures
     For SmolLM2-135M (the embedded model, dequantized to fp32) and its ``--drop 10-20`` version, each
-    exported once with ``surgery export-onnx`` (which writes ``genai_config.json``), side by side in one run
-    with the same thread count:
+    exported twice with ``surgery export-onnx`` (which writes ``genai_config.json``): as is, and with
+    ``--share-buffer``; side by side in one run with the same thread count:
 
     * decode speed: tokens per second over ``--decode`` greedy steps after a ``--prompt``-token prefill,
       in surgery's runner (:class:`exporters.onnx_runtime.OnnxCausalLM`, the engine of ``surgery generate``,
-      CPUExecutionProvider) and in onnxruntime-genai (its ``Generator`` on the same directory, CPU provider),
-      with ``past_present_share_buffer`` false as written (a dynamic cache) and true (one static buffer per
-      past/present pair, ``max_length`` = prompt + decode + 1, so the buffer is as short as the run allows);
-    * the ratios genai / runner per model, and whether the greedy tokens of all three agree.
+      CPUExecutionProvider) on both exports (what the share-buffer rewrite costs an ordinary cache), and in
+      onnxruntime-genai (its ``Generator``, CPU provider) on the plain export with its dynamic cache and on
+      the ``--share-buffer`` export with ``past_present_share_buffer`` true (one static buffer per
+      past/present pair, ``max_length`` = prompt + decode + 1, as short as the run allows);
+    * the ratios to surgery's runner on the plain export, and whether the greedy tokens of all four agree.
 
     Engines alternate within each round; the figures are the best of ``--repeat`` rounds (a machine shared
     with other jobs only ever makes a run slower), and the median is printed too.
@@ -42,15 +43,15 @@ from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
 from surgery.source import open_source  # noqa: E402
 
 
-def export(source: Path, workdir: Path, name: str, drop: str | None) -> Path:
+def export(source: Path, workdir: Path, name: str, drop: str | None, share_buffer: bool) -> Path:
     """The ONNX directory of the model (pruned first with ``drop``), written once into the work directory."""
     checkpoint = source if drop is None else workdir / name
-    onnx_dir = workdir / f"{name}-onnx"
+    onnx_dir = workdir / f"{name}-onnx{'-share' if share_buffer else ''}"
     if drop is not None and not (checkpoint / "config.json").exists():
         surgery.prune(source, checkpoint, drop=drop, quiet=True)
     if not (onnx_dir / "genai_config.json").exists():
-        sys.stderr.write(f"exporting {name} to ONNX (validated)...\n")
-        export_onnx(checkpoint, onnx_dir, quiet=True, force=True)
+        sys.stderr.write(f"exporting {name} to ONNX{' --share-buffer' if share_buffer else ''} (validated)...\n")
+        export_onnx(checkpoint, onnx_dir, quiet=True, force=True, share_buffer=share_buffer)
     return onnx_dir
 
 
@@ -106,40 +107,45 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name, drop in (("SmolLM2-135M", None), ("SmolLM2-135M --drop 10-20", "10-20")):
-        onnx_dir = export(source, workdir, name.split()[0] + ("-drop" if drop else ""), drop)
-        runner = OnnxCausalLM.load(onnx_dir, threads=args.threads)
-        genai = {"genai": Genai(onnx_dir, args.threads, False), "genai share": Genai(onnx_dir, args.threads, True)}
+        short = name.split()[0] + ("-drop" if drop else "")
+        plain, shared = (export(source, workdir, short, drop, share) for share in (False, True))
+        runners = {"runner": OnnxCausalLM.load(plain, threads=args.threads),
+                   "runner, share graph": OnnxCausalLM.load(shared, threads=args.threads)}
+        genai = {"genai": Genai(plain, args.threads, False), "genai share": Genai(shared, args.threads, True)}
         ids = np.random.default_rng(0).integers(100, 40_000, (1, args.prompt)).astype(np.int64)
-        runner.greedy(ids, max_new_tokens=4)  # warm-up all three
+        for runner in runners.values():  # warm-up all four
+            runner.greedy(ids, max_new_tokens=4)
         for engine in genai.values():
             engine.greedy(ids[0].tolist(), 4)
-        speeds: dict[str, list[float]] = {"runner": [], "genai": [], "genai share": []}
+        speeds: dict[str, list[float]] = {"runner": [], "runner, share graph": [], "genai": [], "genai share": []}
         same = True
         order = list(speeds)
         for round_ in range(args.repeat):
             tokens: dict[str, list[int]] = {}
-            for engine in order[round_ % 3:] + order[:round_ % 3]:  # each engine first in turn
-                if engine == "runner":
-                    result = runner.greedy(ids, max_new_tokens=args.decode + 1)
+            for engine in order[round_ % 4:] + order[:round_ % 4]:  # each engine first in turn
+                if engine in runners:
+                    result = runners[engine].greedy(ids, max_new_tokens=args.decode + 1)
                     speed, tokens[engine] = result.decode_tokens_per_second, result.tokens[0].tolist()
                 else:
                     speed, tokens[engine] = genai[engine].greedy(ids[0].tolist(), args.decode)
                 speeds[engine].append(speed)
                 sys.stderr.write(f"  {name} round {round_ + 1} {engine}: decode {speed:.1f} tok/s\n")
-            same = same and tokens["runner"] == tokens["genai"] == tokens["genai share"]
-        rows.append((name, runner.num_layers, speeds, same))
-        del runner, genai
+            same = same and all(t == tokens["runner"] for t in tokens.values())
+        rows.append((name, runners["runner"].num_layers, speeds, same))
+        del runners, genai
 
     print()
-    print("| model | layers | surgery's runner (tok/s) | onnxruntime-genai (tok/s) | genai, share buffer (tok/s) | "
-          "genai / runner | share / runner | medians (runner / genai / share) | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | layers | engine | graph | decode (tok/s) | median | vs runner, plain graph | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    labels = {"runner": ("surgery's runner", "plain"), "runner, share graph": ("surgery's runner", "--share-buffer"),
+              "genai": ("onnxruntime-genai, dynamic cache", "plain"),
+              "genai share": ("onnxruntime-genai, share buffer", "--share-buffer")}
     for name, layers, speeds, same in rows:
-        best = {engine: max(values) for engine, values in speeds.items()}
-        medians = " / ".join(f"{statistics.median(values):.1f}" for values in speeds.values())
-        print(f"| {name} | {layers} | {best['runner']:.1f} | {best['genai']:.1f} | {best['genai share']:.1f} | "
-              f"{best['genai'] / best['runner']:.2f}x | {best['genai share'] / best['runner']:.2f}x | {medians} | "
-              f"{'yes' if same else 'NO'} |")
+        base = max(speeds["runner"])
+        for engine, values in speeds.items():
+            label, graph = labels[engine]
+            print(f"| {name} | {layers} | {label} | {graph} | {max(values):.1f} | {statistics.median(values):.1f} | "
+                  f"{max(values) / base:.2f}x | {'yes' if same else 'NO'} |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

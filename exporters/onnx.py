@@ -71,6 +71,7 @@ class OnnxExportResult:
         external_data: whether the weights went to ``model.onnx_data``.
         validation: the report, or None with ``validate=False``.
         export_seconds: time spent tracing and writing the graph.
+        share_buffer: the graph fills onnxruntime-genai's share buffer (``--share-buffer``).
     """
 
     out: Path
@@ -84,6 +85,7 @@ class OnnxExportResult:
     external_data: bool
     validation: OnnxValidationReport | None
     export_seconds: float
+    share_buffer: bool = False
 
     def summary(self) -> str:
         """What ``surgery export-onnx`` prints."""
@@ -98,7 +100,9 @@ class OnnxExportResult:
             f"outputs: {', '.join(shown_outputs)}",
         ]
         lines.append(self.validation.format() if self.validation else "validation skipped (--no-validate)")
-        lines.append(f"wrote {self.out}")
+        genai = (f" (with genai_config.json for onnxruntime-genai, share buffer {'on' if self.share_buffer else 'off'})"
+                 if self.kind == "decoder" else "")
+        lines.append(f"wrote {self.out}{genai}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,7 +110,7 @@ class OnnxExportResult:
             "out": str(self.out), "kind": self.kind, "dtype": self.dtype, "opset": self.opset,
             "num_layers": self.num_layers, "inputs": self.inputs, "outputs": self.outputs,
             "files": [{"file": n, "bytes": b} for n, b in self.files], "external_data": self.external_data,
-            "export_seconds": round(self.export_seconds, 2),
+            "export_seconds": round(self.export_seconds, 2), "share_buffer": self.share_buffer,
             "validation": self.validation.to_dict() if self.validation else None,
         }
 
@@ -144,6 +148,7 @@ def export_onnx(
     quiet: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    share_buffer: bool = False,
 ) -> OnnxExportResult:
     """Export a model to an ONNX directory: the graph (KV cache for decoders), config, generation config,
     tokenizer and, for decoders, ``genai_config.json`` (onnxruntime-genai serves the directory as is); then
@@ -164,6 +169,9 @@ def export_onnx(
         quiet: no progress messages.
         allow_pickle: accept ``.bin``/``.pt`` weights (loaded with ``weights_only=True``).
         trust_remote_code: allow a model whose code ships in its repository.
+        share_buffer: decoders: let each present fill its past when the past is a longer buffer, as
+            onnxruntime-genai's ``past_present_share_buffer`` needs (written true in ``genai_config.json``);
+            an ordinary past gives the same present as without (docs/onnx.md, "The share buffer").
 
     Returns:
         The :class:`OnnxExportResult`, with the validation report.
@@ -188,12 +196,12 @@ def export_onnx(
     source = open_source(model, allow_pickle=allow_pickle, quiet=quiet)
     check_output(out, force=force, protected=source.protected_paths())
     return export_source(source, out, dtype=dtype, opset=opset, validate=validate, device=device, force=force,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, share_buffer=share_buffer)
 
 
 def export_source(
     source: Source, out: Path, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET, validate: bool = True,
-    device: str = "cpu", force: bool = False, trust_remote_code: bool = False,
+    device: str = "cpu", force: bool = False, trust_remote_code: bool = False, share_buffer: bool = False,
 ) -> OnnxExportResult:
     """:func:`export_onnx` on an opened source, with no check that ``out`` lies outside it (``--onnx``
     writes into ``OUT/onnx`` of the checkpoint it just wrote).
@@ -207,11 +215,11 @@ def export_source(
     loaded = _load(source.path, trust_remote_code)
     with staged_output(out, force=force) as staging:
         started = time.perf_counter()
-        inputs, outputs, external = _export_graph(loaded, staging / ONNX_FILENAME, dtype, opset)
+        inputs, outputs, external = _export_graph(loaded, staging / ONNX_FILENAME, dtype, opset, share_buffer)
         export_seconds = time.perf_counter() - started
         _copy_beside(source, loaded, staging)  # before validation, which reads the tokenizer
         if loaded.kind == "decoder":  # onnxruntime-genai's model directory: the config beside the tokenizer
-            write_genai_config(loaded, staging)
+            write_genai_config(loaded, staging, share_buffer=share_buffer)
         report = None
         if validate:
             report = validate_against(loaded, staging, dtype=dtype, device=device)
@@ -222,7 +230,7 @@ def export_source(
         result = OnnxExportResult(
             out=out, kind=loaded.kind, dtype=dtype, opset=opset, num_layers=len(loaded.cache) or _hidden_layers(loaded),
             inputs=inputs, outputs=outputs, files=files, external_data=external, validation=report,
-            export_seconds=export_seconds,
+            export_seconds=export_seconds, share_buffer=share_buffer,
         )
         body = {**result.to_dict(), "source": source.name, "versions": _versions()}
         if loaded.kind == "decoder":  # each cache layer's KV heads (a wide block's K x H_kv among H_kv)

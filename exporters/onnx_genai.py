@@ -14,10 +14,9 @@ provider too; ``onnxruntime-genai`` elsewhere).
 
 The share buffer: ``search.past_present_share_buffer`` (onnxruntime-genai's static KV buffer: one
 ``[batch, kv_heads, max_length, head_size]`` tensor per past/present pair, bound as both the graph's past input
-and its present output) works with surgery's graph, which writes the new keys into the buffer and returns a
-present as long as its past (:func:`exporters.onnx_graph._share_buffer_ready`). It is written ``false``: the graph copies the whole
-buffer each step, so with the buffer a step's cost grows with ``max_length`` (by default the context length,
-8,192 for SmolLM2) instead of with the tokens so far; docs/onnx.md has the measurements.
+and its present output) needs a present as long as its past. The traced graph returns ``concat(past, new)``,
+one step longer, so it is written ``false``; ``export-onnx --share-buffer`` rewrites the cache to fill the
+buffer (:func:`exporters.onnx_graph._share_buffer_ready`) and writes ``true``. docs/onnx.md has the details.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def genai_config(loaded: _Loaded, *, filename: str = "model.onnx") -> dict[str, Any]:
+def genai_config(loaded: _Loaded, *, filename: str = "model.onnx", share_buffer: bool = False) -> dict[str, Any]:
     """The ``genai_config.json`` of a decoder export of ``loaded``.
 
     The model section comes from the model's (text) config and the cache layout read from the model itself:
@@ -89,11 +88,12 @@ def genai_config(loaded: _Loaded, *, filename: str = "model.onnx") -> dict[str, 
     carry H_kv: the config declares H_kv (the most common count) and onnxruntime-genai reads each layer's own
     count from the graph's fixed head axis, so the wide layers are allocated with their K x H_kv heads.
     The search section is the model's ``generation_config`` with ``transformers``' defaults for what it
-    leaves unset, ``max_length`` the context length, and ``past_present_share_buffer`` false (module docstring).
+    leaves unset, ``max_length`` the context length, and ``past_present_share_buffer`` as the graph allows.
 
     Args:
         loaded: the model as loaded for the export (a decoder).
         filename: the graph's file name inside the export directory.
+        share_buffer: the graph was exported with ``--share-buffer`` (``past_present_share_buffer`` true).
 
     Returns:
         The configuration, ready for ``json.dump``.
@@ -152,17 +152,20 @@ def genai_config(loaded: _Loaded, *, filename: str = "model.onnx") -> dict[str, 
     for key, default in _SEARCH_DEFAULTS.items():
         value = getattr(generation, key, None)
         search[key] = type(default)(default if value is None else value)
-    search.update({"min_length": 0, "max_length": context, "early_stopping": True, "past_present_share_buffer": False})
+    search.update({"min_length": 0, "max_length": context, "early_stopping": True,
+                   "past_present_share_buffer": share_buffer})
     return {"model": model, "search": dict(sorted(search.items()))}
 
 
-def write_genai_config(loaded: _Loaded, directory: Path, *, filename: str = "model.onnx") -> Path:
+def write_genai_config(loaded: _Loaded, directory: Path, *, filename: str = "model.onnx",
+                       share_buffer: bool = False) -> Path:
     """Write :func:`genai_config` as ``directory/genai_config.json``.
 
     Args:
         loaded: the model as loaded for the export (a decoder).
         directory: the export directory (the staging directory during an export).
         filename: the graph's file name.
+        share_buffer: the graph was exported with ``--share-buffer``.
 
     Returns:
         The path written.
@@ -171,7 +174,7 @@ def write_genai_config(loaded: _Loaded, directory: Path, *, filename: str = "mod
         CheckpointError: as :func:`genai_config`.
     """
     path = Path(directory) / GENAI_CONFIG_FILENAME
-    path.write_text(json.dumps(genai_config(loaded, filename=filename), indent=2) + "\n")
+    path.write_text(json.dumps(genai_config(loaded, filename=filename, share_buffer=share_buffer), indent=2) + "\n")
     return path
 
 
@@ -214,6 +217,8 @@ def genai_greedy(directory: str | os.PathLike[str], prompt_ids: list[int], max_n
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
     except RuntimeError as exc:  # onnxruntime-genai reports every failure as RuntimeError
-        first = (str(exc).splitlines() or [""])[0]
-        raise CheckpointError(str(directory), f"onnxruntime-genai cannot run it ({first[:300]})") from None
+        first = " ".join((str(exc).splitlines() or [""])[0].split())
+        if "Status Message:" in first:  # ONNX Runtime's own reason, past the node's name and source location
+            first = first.split("Status Message:", 1)[1].split("[ONNXRuntimeError] : 2 : ")[-1].strip()
+        raise CheckpointError(str(directory), f"onnxruntime-genai cannot run it ({first[:400]})") from None
     return tokens

@@ -8,9 +8,9 @@ the ecosystem's loaders expect::
     position_ids [batch, sequence]
     past_key_values.{i}.key / .value [batch, heads, past_sequence, head_dim]
 
-A past longer than ``attention_mask.shape[1] - input_ids.shape[1]`` is a buffer (onnxruntime-genai's
-``past_present_share_buffer``): the new keys are written into it and the present is the buffer itself
-(:func:`_share_buffer_ready`).
+With ``--share-buffer``, a past longer than ``attention_mask.shape[1] - input_ids.shape[1]`` is a buffer
+(onnxruntime-genai's ``past_present_share_buffer``): the new keys are written into it and the present is the
+buffer itself (:func:`_share_buffer_ready`).
 
 Encoders (BERT and its kin) map ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model
 has them) to ``last_hidden_state``.
@@ -153,8 +153,10 @@ def _failure_line(exc: BaseException) -> str:
     return " ".join(first.split())[:400]
 
 
-def _export_graph(loaded: _Loaded, path: Path, dtype: str, opset: int) -> tuple[list[str], list[str], bool]:
-    """Trace, lower and save the graph at ``path``; returns (input names, output names, external data)."""
+def _export_graph(loaded: _Loaded, path: Path, dtype: str, opset: int,
+                  share_buffer: bool = False) -> tuple[list[str], list[str], bool]:
+    """Trace, lower and save the graph at ``path`` (``share_buffer``: with :func:`_share_buffer_ready`'s rewrite);
+    returns (input names, output names, external data)."""
     import torch
 
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
@@ -210,7 +212,10 @@ def _export_graph(loaded: _Loaded, path: Path, dtype: str, opset: int) -> tuple[
         raise OnnxExportError(loaded.model_type, "naming", f"the graph's inputs are {got[:4]}..., expected {inputs[:4]}...")
     if loaded.kind == "decoder":
         _rename_dim(graph.inputs[1], 1, "total_sequence_length")
-        program.model.metadata_props["surgery.share_buffer"] = str(_share_buffer_ready(graph)).lower()
+        if share_buffer and not _share_buffer_ready(graph):
+            raise OnnxExportError(loaded.model_type, "rewriting the cache for the share buffer",
+                                  "a present output is not the concatenation of its past and the new keys")
+        program.model.metadata_props["surgery.share_buffer"] = str(share_buffer).lower()
     program.model.metadata_props.update({"surgery.kind": loaded.kind, "surgery.dtype": dtype,
                                          "surgery.model_type": loaded.model_type})
     weight_bytes = sum(int(v.const_value.nbytes) for v in graph.initializers.values() if v.const_value is not None)
@@ -283,7 +288,7 @@ def _share_buffer_ready(graph: Any) -> bool:
 
     Returns:
         Whether the graph was rewritten: False, and the graph untouched, when a present output is not
-        ``Concat(past, new)`` on the sequence axis (the graph's metadata ``surgery.share_buffer`` says which).
+        ``Concat(past, new)`` on the sequence axis.
     """
     import onnx_ir
 

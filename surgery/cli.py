@@ -366,6 +366,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
     result = export_onnx(
         args.model, args.out, dtype=args.dtype, opset=args.opset, validate=not args.no_validate, device=args.device,
         force=args.force, quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        share_buffer=args.share_buffer,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
 
@@ -551,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     onx.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
     onx.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     onx.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where validation runs (default cpu)")
+    onx.add_argument("--share-buffer", action="store_true",
+                     help="let the cache fill onnxruntime-genai's static past/present buffer (past_present_share_buffer "
+                     "true in genai_config.json); a step then copies the whole buffer")
     onx.add_argument("--force", action="store_true", help="replace OUT if it is empty or an earlier output of this tool")
 
     gen = verb("generate", _cmd_generate, "generate with ONNX Runtime and the KV cache, streaming tokens")

@@ -162,12 +162,14 @@ def test_wide_block_model_with_onnx_option(tiny_model: Callable[..., Path], tmp_
 
 def test_cli_export_onnx_with_external_data(tiny_model: Callable[..., Path], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """Weights above the threshold (2 GB; 0 here) go to model.onnx_data, which ONNX Runtime reads."""
+    """Weights above the threshold (2 GB; 0 here) go to model.onnx_data, which ONNX Runtime reads; --share-buffer
+    (GPT-2's cache rewritten too) is validated like any export and written into genai_config.json."""
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "cli"
-    assert main(["export-onnx", str(tiny_model("gpt2")), str(out), "--quiet", "--json"]) == 0
+    assert main(["export-onnx", str(tiny_model("gpt2")), str(out), "--quiet", "--json", "--share-buffer"]) == 0
     body = json.loads(capsys.readouterr().out)
-    assert body["kind"] == "decoder" and body["external_data"]
+    assert body["kind"] == "decoder" and body["external_data"] and body["share_buffer"]
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
     assert body["validation"]["passed"] and body["validation"]["provider"] == "CPUExecutionProvider"
     assert (out / EXTERNAL_DATA_FILENAME).stat().st_size > 0
     _assert_decoder_layout(out, 6)
@@ -407,7 +409,7 @@ def _assert_genai_config(directory: Path, model_dir: Path, trust_remote_code: bo
     for key in ("do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty"):
         expected = getattr(generation, key)
         assert expected is None or search[key] == expected, key
-    assert search["past_present_share_buffer"] is False
+    assert search["past_present_share_buffer"] is json.loads((directory / "onnx-export.json").read_text())["share_buffer"]
     assert decoder["filename"] == "model.onnx"
     for key in ("input_ids", "attention_mask", "position_ids"):
         assert decoder["inputs"][key] in names
@@ -420,32 +422,44 @@ def _assert_genai_config(directory: Path, model_dir: Path, trust_remote_code: bo
 
 def _assert_genai_greedy_equals_transformers(directory: Path, model: Any, prompt_ids: list[int]) -> list[int]:
     """onnxruntime-genai's greedy tokens on the export equal transformers' generate on the PyTorch model, with
-    the dynamic cache (as written) and with the share buffer (one static buffer per past/present pair)."""
+    the dynamic cache and with the share buffer (one static buffer per past/present pair) when the export was
+    made for it (--share-buffer); without, the share buffer fails on the present's shape."""
     import torch
+
+    shared = json.loads((directory / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    metadata = {p.key: p.value for p in onnx.load(str(directory / "model.onnx"), load_external_data=False).metadata_props}
+    assert metadata["surgery.share_buffer"] == str(shared).lower()
 
     with torch.no_grad():
         ids = torch.tensor([prompt_ids])
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GENAI_TOKENS, do_sample=False,
                                   pad_token_id=model.generation_config.eos_token_id)[0, len(prompt_ids):].tolist()
-    assert genai_greedy(directory, prompt_ids, GENAI_TOKENS) == expected
-    assert genai_greedy(directory, prompt_ids, GENAI_TOKENS, share_buffer=True) == expected
+    assert genai_greedy(directory, prompt_ids, GENAI_TOKENS, share_buffer=False) == expected
+    if shared:
+        assert genai_greedy(directory, prompt_ids, GENAI_TOKENS, share_buffer=True) == expected
+    else:
+        with pytest.raises(SurgeryError, match="present.0.key"):
+            genai_greedy(directory, prompt_ids, GENAI_TOKENS, share_buffer=True)
     return expected
 
 
 @needs_genai
 def test_genai_runs_tiny_exports(tiny_onnx: Callable[..., OnnxExportResult], tiny_model: Callable[..., Path],
                                  tiny_models: Callable[[str], Any], tmp_path: Path) -> None:
-    """A tiny Llama export and a tiny wide-block export (4 KV heads in the wide layers, 2 elsewhere) run in
-    onnxruntime-genai on the CPU with the written genai_config.json: 32 greedy tokens equal transformers',
-    with and without the share buffer."""
+    """A tiny Llama export, the same with --share-buffer, and a tiny wide-block export (4 KV heads in the wide
+    layers, 2 elsewhere) run in onnxruntime-genai on the CPU with the written genai_config.json: 32 greedy
+    tokens equal transformers', with the share buffer too for the --share-buffer export."""
     import transformers
 
     result = tiny_onnx("llama")
     _assert_genai_config(result.out, tiny_model("llama"))
-    metadata = {p.key: p.value for p in onnx.load(str(result.out / "model.onnx"), load_external_data=False).metadata_props}
-    assert metadata["surgery.share_buffer"] == "true"  # every present rewritten to fill a share buffer
     assert json.loads((result.out / "genai_config.json").read_text())["model"]["type"] == "llama"
-    assert len(_assert_genai_greedy_equals_transformers(result.out, tiny_models("llama"), [5, 6, 7, 8])) == GENAI_TOKENS
+    expected = _assert_genai_greedy_equals_transformers(result.out, tiny_models("llama"), [5, 6, 7, 8])
+    assert len(expected) == GENAI_TOKENS
+    shared = export_onnx(tiny_model("llama"), tmp_path / "shared", quiet=True, share_buffer=True)
+    assert shared.validation is not None and shared.validation.passed  # an ordinary past: the same graph's answers
+    assert json.loads((shared.out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    assert _assert_genai_greedy_equals_transformers(shared.out, tiny_models("llama"), [5, 6, 7, 8]) == expected
     wide = tmp_path / "wide"
     surgery.parallel(tiny_model("llama"), wide, groups="1-2,3-4", quiet=True, onnx=True)
     body = _assert_genai_config(wide / "onnx", wide, trust_remote_code=True)
@@ -542,10 +556,12 @@ def test_smollm2_repeated_fp16(smol_pruned: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def smol_wide(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, OnnxExportResult]:
-    """SmolLM2-135M with layers 10-11 and 12-13 merged into wide blocks, and its validated export."""
+    """SmolLM2-135M with layers 10-11 and 12-13 merged into wide blocks, and its validated export
+    (--share-buffer: validated like any other, the rewrite is the identity on an ordinary past)."""
     root = tmp_path_factory.mktemp("smol-wide")
     surgery.parallel(smollm2_dir, root / "wide", groups="10-11,12-13", quiet=True)
-    return root / "wide", export_onnx(root / "wide", root / "wide-onnx", quiet=True, trust_remote_code=True)
+    return root / "wide", export_onnx(root / "wide", root / "wide-onnx", quiet=True, trust_remote_code=True,
+                                      share_buffer=True)
 
 
 @pytest.mark.real
@@ -563,7 +579,8 @@ def test_smollm2_wide_blocks(smol_wide: tuple[Path, OnnxExportResult]) -> None:
 
 def _assert_genai_serves_smollm2(directory: Path, checkpoint: Path, trust_remote_code: bool = False) -> None:
     """The export as onnxruntime-genai loads it: config fields against the model's, its tokenizer against
-    transformers', and 32 greedy tokens against transformers' generate (with and without the share buffer)."""
+    transformers', and 32 greedy tokens against transformers' generate (with the share buffer too when exported
+    for it)."""
     import onnxruntime_genai as og
     import torch
     import transformers
@@ -588,7 +605,8 @@ def test_genai_serves_smollm2_pruned(smol_pruned: Path) -> None:
 @pytest.mark.real
 @needs_genai
 def test_genai_serves_smollm2_wide_blocks(smol_wide: tuple[Path, OnnxExportResult]) -> None:
-    """SmolLM2 with two wide blocks (6 KV heads there, 3 elsewhere): onnxruntime-genai on the CPU."""
+    """SmolLM2 with two wide blocks (6 KV heads there, 3 elsewhere), exported with --share-buffer:
+    onnxruntime-genai on the CPU, with and without the share buffer."""
     checkpoint, result = smol_wide
     report = json.loads((result.out / "onnx-export.json").read_text())
     assert report["cache_heads"].count(6) == 2 and set(report["cache_heads"]) == {3, 6}
