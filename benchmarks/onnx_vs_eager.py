@@ -14,12 +14,16 @@ What it measures
       embedding only a row) divided by the memory read bandwidth, measured in the same script
       (the best of several passes of ``torch.sum`` over a 1 GiB tensor with the same thread count,
       before and after each model's runs; the limit uses the best);
+    * the reference builder's graph beside surgery's: the same checkpoint exported with
+      ``export-onnx --graph builder`` (onnxruntime-genai's model builder, fp32: GroupQueryAttention,
+      SkipSimplifiedLayerNormalization, packed QKV) run by the same runner, in the same rounds (skipped,
+      with the reason, when the builder cannot take the model or onnxruntime-genai is missing);
     * what ONNX Runtime's own weight reads reach: a graph holding only the exported graph's
       weight MatMuls (same weights, shapes and order, one row in), timed after every engine run
       of every round, best of all. The gap between it and the decode step is everything else in
       the graph (norms, rotary, attention, cache concatenation: ~1,900 small kernels) and the runner.
 
-    Engines alternate within each round; the figures are the best of ``--repeat`` rounds (a
+    Engines rotate within each round (eager, surgery's graph, the builder's graph; each round starts one later); the figures are the best of ``--repeat`` rounds (a
     machine shared with other jobs only ever makes a run slower), and the median is printed too.
 
 Targets (printed as PASS/MISS; the script exits 0 either way: it is a benchmark, not a test)
@@ -53,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgery  # noqa: E402
 from exporters.onnx import export_onnx  # noqa: E402
+from exporters.onnx_builder import builder_problem, export_onnx_graph, graph_stats  # noqa: E402
 from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
 from surgery.compat import output_cache, with_cache  # noqa: E402
 from surgery.source import open_source  # noqa: E402
@@ -164,6 +169,19 @@ def time_onnx(lm: OnnxCausalLM, ids: np.ndarray, steps: int) -> Timing:
     return Timing(result.prefill_seconds * 1000, result.decode_tokens_per_second)
 
 
+def export_builder_graph(checkpoint: Path, workdir: Path, name: str) -> tuple[Path | None, str]:
+    """(the builder's ONNX directory or None, why not), written once into the work directory."""
+    onnx_dir = workdir / f"{name}-onnx-builder"
+    if (onnx_dir / "model.onnx").exists():
+        return onnx_dir, ""
+    if (problem := builder_problem(checkpoint)) is not None:
+        return None, problem
+    sys.stderr.write(f"exporting {name} with --graph builder (validated)...\n")
+    result = export_onnx_graph(checkpoint, onnx_dir, graph="builder", quiet=True)
+    sys.stderr.write(result.validation.format() + "\n")
+    return onnx_dir, ""
+
+
 def export(source: Path, workdir: Path, name: str, drop: str | None) -> tuple[Path, Path]:
     """(checkpoint, ONNX directory), written once into the work directory."""
     checkpoint = source if drop is None else workdir / name
@@ -202,9 +220,15 @@ def main() -> None:
     rows = []
     for name, drop in cases:
         checkpoint, onnx_dir = export(source, workdir, name.split()[0] + ("-drop" if drop else ""), drop)
+        builder_dir, why_not = export_builder_graph(checkpoint, workdir, name.split()[0] + ("-drop" if drop else ""))
+        if builder_dir is None:
+            sys.stderr.write(f"  {name}: no builder column ({why_not})\n")
         torch.set_num_threads(args.threads)
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
         lm = OnnxCausalLM.load(onnx_dir, threads=args.threads)
+        lm_builder = OnnxCausalLM.load(builder_dir, threads=args.threads) if builder_dir is not None else None
+        nodes = {"onnx": graph_stats(onnx_dir / "model.onnx")["nodes"],
+                 "builder": graph_stats(builder_dir / "model.onnx")["nodes"] if builder_dir is not None else 0}
         layers, provider = int(model.config.num_hidden_layers), lm.provider
         floor = matmul_only(onnx_dir, args.threads)
         floor_ms = floor(3)
@@ -212,36 +236,51 @@ def main() -> None:
         ids = rng.integers(100, int(model.config.vocab_size), (1, PROMPT_TOKENS)).astype(np.int64)
         time_eager(model, torch.from_numpy(ids), 4)  # warm-up both
         time_onnx(lm, ids, 4)
+        if lm_builder is not None:
+            time_onnx(lm_builder, ids, 4)
         eager: list[Timing] = []
         ort: list[Timing] = []
+        built: list[Timing] = []
+        engines = [("eager", eager), ("onnx", ort)] + ([("builder", built)] if lm_builder is not None else [])
         for round_ in range(args.repeat):
-            pair = [("eager", eager), ("onnx", ort)] if round_ % 2 == 0 else [("onnx", ort), ("eager", eager)]
-            for engine, into in pair:
-                timing = time_eager(model, torch.from_numpy(ids), args.decode) if engine == "eager" else time_onnx(lm, ids, args.decode)
+            shift = round_ % len(engines)
+            for engine, into in engines[shift:] + engines[:shift]:
+                if engine == "eager":
+                    timing = time_eager(model, torch.from_numpy(ids), args.decode)
+                else:
+                    timing = time_onnx(lm if engine == "onnx" else lm_builder, ids, args.decode)  # type: ignore[arg-type]
                 into.append(timing)
                 floor_ms = min(floor_ms, floor(10))
                 sys.stderr.write(f"  {name} round {round_ + 1} {engine}: prefill {timing.prefill_ms:.0f} ms, "
                                  f"decode {timing.decode_tps:.1f} tok/s\n")
         weights = weight_bytes_per_token(model)
-        del model, lm, floor
+        del model, lm, lm_builder, floor
         bandwidth = max(bandwidth, read_bandwidth(args.threads))  # again after the runs: the best is the machine's
         limit = bandwidth / weights
-        rows.append((name, layers, weights, eager, ort, limit, provider, floor_ms))
+        rows.append((name, layers, weights, eager, ort, limit, provider, floor_ms, built, nodes))
 
     print()
     header = (f"| model | layers | engine | prefill {PROMPT_TOKENS} tok (ms) | decode (tok/s) | median decode | "
-              f"vs eager | weights/token | bandwidth limit (tok/s) | % of limit |")
+              f"vs eager | graph nodes | weights/token | bandwidth limit (tok/s) | % of limit |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     verdicts = []
-    for name, layers, weights, eager, ort, limit, provider, floor_ms in rows:
+    for name, layers, weights, eager, ort, limit, provider, floor_ms, built, nodes in rows:
         best_eager = max(t.decode_tps for t in eager)
         best_ort = max(t.decode_tps for t in ort)
-        for engine, timings in (("PyTorch eager", eager), (f"ONNX Runtime ({provider})", ort)):
+        columns = [("PyTorch eager", eager, "-"), (f"ONNX Runtime ({provider}), surgery's graph", ort, nodes["onnx"])]
+        if built:
+            columns.append((f"ONNX Runtime ({provider}), builder's graph", built, nodes["builder"]))
+        for engine, timings, count in columns:
             best = max(t.decode_tps for t in timings)
             print(f"| {name} | {layers} | {engine} | {min(t.prefill_ms for t in timings):.0f} | {best:.1f} | "
-                  f"{statistics.median(t.decode_tps for t in timings):.1f} | {best / best_eager:.2f}x | "
+                  f"{statistics.median(t.decode_tps for t in timings):.1f} | {best / best_eager:.2f}x | {count} | "
                   f"{weights / 1e6:.0f} MB | {limit:.1f} | {100 * best / limit:.0f}% |")
+        if built:
+            best_built = max(t.decode_tps for t in built)
+            print(f"|  |  | builder's graph / surgery's graph, decode | | {best_built / best_ort:.2f}x | "
+                  f"{statistics.median(t.decode_tps for t in built) / statistics.median(t.decode_tps for t in ort):.2f}x "
+                  f"(medians) | | | | | |")
         verdicts.append((name, best_ort / best_eager, best_ort / limit, floor_ms, best_ort))
     print(f"\nmemory read bandwidth, best of all passes: {bandwidth / 1e9:.1f} GB/s; "
           f"load average at the end: {os.getloadavg()[0]:.1f}")

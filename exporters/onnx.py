@@ -202,6 +202,7 @@ def export_onnx(
 def export_source(
     source: Source, out: Path, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET, validate: bool = True,
     device: str = "cpu", force: bool = False, trust_remote_code: bool = False, share_buffer: bool = False,
+    graph_reason: str = "the default (--graph surgery)",
 ) -> OnnxExportResult:
     """:func:`export_onnx` on an opened source, with no check that ``out`` lies outside it (``--onnx``
     writes into ``OUT/onnx`` of the checkpoint it just wrote).
@@ -236,9 +237,17 @@ def export_source(
         if loaded.kind == "decoder":  # each cache layer's KV heads (a wide block's K x H_kv among H_kv)
             body["cache_heads"] = [heads for heads, _ in loaded.cache]
         body.pop("out")
+        body.update(graph="surgery", graph_reason=graph_reason, **_graph_stats(staging / ONNX_FILENAME))
         (staging / REPORT_FILENAME).write_text(json.dumps(body, indent=2) + "\n")
         files.append((REPORT_FILENAME, (staging / REPORT_FILENAME).stat().st_size))
     return result
+
+
+def _graph_stats(path: Path) -> dict[str, Any]:
+    """The graph's node count and op types, for the report (:func:`exporters.onnx_builder.graph_stats`)."""
+    from exporters.onnx_builder import graph_stats
+
+    return graph_stats(path)
 
 
 def _hidden_layers(loaded: _Loaded) -> int:
@@ -298,6 +307,10 @@ def validate_onnx(
     dtype = read_json_object(meta, "ONNX export report").get("dtype", "fp32") if meta.exists() else "fp32"
     if dtype not in ("fp32", "fp16"):
         raise CheckpointError(str(meta), f"names dtype {dtype!r}, not fp32 or fp16")
+    if meta.exists() and read_json_object(meta, "ONNX export report").get("graph") == "builder":
+        from exporters.onnx_builder import validate_builder_graph  # the builder's graph: one sequence at a time
+
+        return validate_builder_graph(loaded, directory, device=device)
     return validate_against(loaded, directory, dtype=dtype, device=device)
 
 

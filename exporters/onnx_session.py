@@ -196,6 +196,8 @@ class OnnxCausalLM:
             for kind in ("key", "value"):
                 info = names[f"past_key_values.{layer}.{kind}"]
                 heads, head_dim = info.shape[1], info.shape[3]
+                if not isinstance(head_dim, int):  # onnxruntime-genai's builder: a named axis, head_size in its config
+                    head_dim = _genai_head_size(graph.parent)
                 if not isinstance(heads, int) or not isinstance(head_dim, int):
                     raise CheckpointError(str(graph), f"{info.name} has no fixed heads/head_dim")
                 cache.append(CacheSpec(info.name, f"present.{layer}.{kind}", heads, head_dim))
@@ -230,7 +232,9 @@ class OnnxCausalLM:
         Returns:
             ``(logits, present)``; logits as a numpy array, present as numpy arrays (OrtValues with I/O binding).
         """
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "position_ids" in self._inputs:  # the reference builder's graphs derive positions from the mask
+            feed["position_ids"] = position_ids
         if not self.io_binding:
             feed.update({c.input_name: p for c, p in zip(self.cache, past, strict=True)})
             outputs = self.session.run(["logits", *(c.output_name for c in self.cache)], feed)
@@ -276,11 +280,17 @@ class OnnxCausalLM:
         Returns:
             The :class:`GreedyResult`.
 
+        Raises:
+            OptionError: a padded batch on a graph without ``position_ids`` (onnxruntime-genai's model builder's).
+
         Example:
             >>> OnnxCausalLM.load("out/onnx").greedy(np.array([[1, 2, 3]]), max_new_tokens=4).tokens  # doctest: +SKIP
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if "position_ids" not in self._inputs and (mask == 0).any():
+            raise OptionError("this graph (onnxruntime-genai's model builder) takes positions from the mask's lengths, "
+                              "so it cannot run a padded batch", hint="run one prompt at a time, or export with --graph surgery")
         stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         batch = input_ids.shape[0]
         positions = np.cumsum(mask, axis=-1) - 1
@@ -329,6 +339,16 @@ class GreedyResult:
     def decode_tokens_per_second(self) -> float:
         steps = self.tokens.shape[1] - 1
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+
+def _genai_head_size(directory: Path) -> int | None:
+    """``decoder.head_size`` of ``genai_config.json`` in ``directory`` (None when absent or unreadable)."""
+    import json
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        value = json.loads((directory / "genai_config.json").read_text()).get("model", {}).get("decoder", {}).get("head_size")
+        return value if isinstance(value, int) else None
+    return None
 
 
 def find_onnx_dir(path: str | os.PathLike[str]) -> Path | None:

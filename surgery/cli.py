@@ -363,6 +363,12 @@ def _cmd_heal(args: argparse.Namespace) -> None:
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from exporters.onnx import export_onnx
 
+    if args.graph != "surgery":  # onnxruntime-genai's model builder, or auto's choice (exporters/onnx_builder.py)
+        import functools
+
+        from exporters.onnx_builder import export_onnx_graph
+
+        export_onnx = functools.partial(export_onnx_graph, graph=args.graph)
     result = export_onnx(
         args.model, args.out, dtype=args.dtype, opset=args.opset, validate=not args.no_validate, device=args.device,
         force=args.force, quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
@@ -552,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     onx.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or newer (default 18)")
     onx.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     onx.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where validation runs (default cpu)")
+    onx.add_argument("--graph", choices=("auto", "builder", "surgery"), default="surgery",
+                     help="surgery's own graph (default), onnxruntime-genai's model builder (fused, fp32, standard "
+                     "architectures), or auto: the builder when it takes the model, else surgery's (docs/onnx.md)")
     onx.add_argument("--share-buffer", action="store_true",
                      help="let the cache fill onnxruntime-genai's static past/present buffer (past_present_share_buffer "
                      "true in genai_config.json); a step then copies the whole buffer")
