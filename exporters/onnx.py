@@ -36,6 +36,7 @@ from exporters.onnx_parity import OnnxValidationReport, validate_against
 from exporters.onnx_parity import _diff_check as _diff_check
 from exporters.onnx_parity import _greedy_check as _greedy_check
 from exporters.onnx_parity import relative_tolerance as relative_tolerance
+from exporters.onnx_quantize import DEFAULT_BLOCK_SIZE, QuantizationReport, check_quantize_options, quantize_export
 from exporters.onnx_session import ONNX_FILENAME
 from exporters.staging import check_output, staged_output
 from surgery.checkpoint import read_json_object
@@ -72,6 +73,7 @@ class OnnxExportResult:
         validation: the report, or None with ``validate=False``.
         export_seconds: time spent tracing and writing the graph.
         share_buffer: the graph fills onnxruntime-genai's share buffer (``--share-buffer``).
+        quantization: what ``--quantize`` did and measured (None: a float export).
     """
 
     out: Path
@@ -86,6 +88,7 @@ class OnnxExportResult:
     validation: OnnxValidationReport | None
     export_seconds: float
     share_buffer: bool = False
+    quantization: QuantizationReport | None = None
 
     def summary(self) -> str:
         """What ``surgery export-onnx`` prints."""
@@ -100,6 +103,8 @@ class OnnxExportResult:
             f"outputs: {', '.join(shown_outputs)}",
         ]
         lines.append(self.validation.format() if self.validation else "validation skipped (--no-validate)")
+        if self.quantization is not None:
+            lines.append(self.quantization.format())
         genai = (f" (with genai_config.json for onnxruntime-genai, share buffer {'on' if self.share_buffer else 'off'})"
                  if self.kind == "decoder" else "")
         lines.append(f"wrote {self.out}{genai}")
@@ -112,6 +117,7 @@ class OnnxExportResult:
             "files": [{"file": n, "bytes": b} for n, b in self.files], "external_data": self.external_data,
             "export_seconds": round(self.export_seconds, 2), "share_buffer": self.share_buffer,
             "validation": self.validation.to_dict() if self.validation else None,
+            "quantization": self.quantization.to_dict() if self.quantization else None,
         }
 
 
@@ -149,6 +155,11 @@ def export_onnx(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     share_buffer: bool = False,
+    quantize: str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    symmetric: bool = True,
+    quantize_lm_head: bool = True,
+    max_kl: float | None = None,
 ) -> OnnxExportResult:
     """Export a model to an ONNX directory: the graph (KV cache for decoders), config, generation config,
     tokenizer and, for decoders, ``genai_config.json`` (onnxruntime-genai serves the directory as is); then
@@ -172,17 +183,25 @@ def export_onnx(
         share_buffer: decoders: let each present fill its past when the past is a longer buffer, as
             onnxruntime-genai's ``past_present_share_buffer`` needs (written true in ``genai_config.json``);
             an ordinary past gives the same present as without (docs/onnx.md, "The share buffer").
+        quantize: ``int4``: once the float graph is validated, rewrite its weight MatMuls to ONNX Runtime's
+            ``MatMulNBits`` (round-to-nearest, :mod:`exporters.onnx_quantize`) and measure KL, top-1 and greedy
+            agreement against PyTorch fp32 (decoders only).
+        block_size: int4 block size (16, 32, 64, 128 or 256 rows per scale).
+        symmetric: int4 with a scale per block (True) or uint4 with a zero point too (False).
+        quantize_lm_head: quantise the projection to the vocabulary too (True, as onnxruntime-genai's builder).
+        max_kl: with ``quantize``, fail (nothing written) when KL(PyTorch fp32 || int4) is above this.
 
     Returns:
         The :class:`OnnxExportResult`, with the validation report.
 
     Raises:
         OutputExistsError: ``out`` exists and ``force`` is False.
-        OptionError: an unknown dtype, or ``out`` inside the source model.
+        OptionError: an unknown dtype, quantization or block size, or ``out`` inside the source model.
         OnnxOpsetError: an opset below 18 or newer than the installed ``onnx`` knows.
         UnsupportedArchitectureError: neither a causal LM nor a base encoder, or a cache without per-layer keys/values.
         OnnxExportError: the model cannot be traced or lowered to ONNX.
-        OnnxValidationError: ONNX Runtime disagrees with PyTorch beyond the stated bounds.
+        OnnxValidationError: ONNX Runtime disagrees with PyTorch beyond the stated bounds, or the int4 KL is
+            above ``max_kl``.
         CudaUnavailableError: ``device="cuda"`` but ONNX Runtime cannot use CUDA.
 
     Example:
@@ -192,16 +211,21 @@ def export_onnx(
         'CPUExecutionProvider'
     """
     _check_options(dtype, opset, device)
+    check_quantize_options(quantize, block_size, max_kl, validate)
     out = Path(out)
     source = open_source(model, allow_pickle=allow_pickle, quiet=quiet)
     check_output(out, force=force, protected=source.protected_paths())
     return export_source(source, out, dtype=dtype, opset=opset, validate=validate, device=device, force=force,
-                         trust_remote_code=trust_remote_code, share_buffer=share_buffer)
+                         trust_remote_code=trust_remote_code, share_buffer=share_buffer, quantize=quantize,
+                         block_size=block_size, symmetric=symmetric, quantize_lm_head=quantize_lm_head, max_kl=max_kl,
+                         quiet=quiet)
 
 
 def export_source(
     source: Source, out: Path, *, dtype: str = "fp32", opset: int = DEFAULT_OPSET, validate: bool = True,
     device: str = "cpu", force: bool = False, trust_remote_code: bool = False, share_buffer: bool = False,
+    quantize: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = True,
+    quantize_lm_head: bool = True, max_kl: float | None = None, quiet: bool = True,
     graph_reason: str = "the default (--graph surgery)",
 ) -> OnnxExportResult:
     """:func:`export_onnx` on an opened source, with no check that ``out`` lies outside it (``--onnx``
@@ -211,6 +235,7 @@ def export_source(
         The errors of :func:`export_onnx`.
     """
     _check_options(dtype, opset, device)
+    check_quantize_options(quantize, block_size, max_kl, validate)
     check_output(out, force=force)
     source.fetch(source.pending_files)
     loaded = _load(source.path, trust_remote_code)
@@ -227,11 +252,17 @@ def export_source(
             if not report.passed:
                 failed = next(check for check in report.checks if not check.passed)
                 raise OnnxValidationError(failed.name, failed.max_abs_diff, failed.tolerance, report.provider, failed.detail)
+        quantization = None
+        if quantize is not None:  # the float graph passed parity; the int4 one is measured by KL instead
+            quantization = quantize_export(loaded, staging, block_size=block_size, symmetric=symmetric,
+                                           lm_head=quantize_lm_head, measure=validate, max_kl=max_kl, device=device,
+                                           quiet=quiet)
+            external = (staging / EXTERNAL_DATA_FILENAME).exists()
         files = sorted((p.name, p.stat().st_size) for p in staging.iterdir() if p.is_file())
         result = OnnxExportResult(
             out=out, kind=loaded.kind, dtype=dtype, opset=opset, num_layers=len(loaded.cache) or _hidden_layers(loaded),
             inputs=inputs, outputs=outputs, files=files, external_data=external, validation=report,
-            export_seconds=export_seconds, share_buffer=share_buffer,
+            export_seconds=export_seconds, share_buffer=share_buffer, quantization=quantization,
         )
         body = {**result.to_dict(), "source": source.name, "versions": _versions()}
         if loaded.kind == "decoder":  # each cache layer's KV heads (a wide block's K x H_kv among H_kv)
@@ -294,6 +325,7 @@ def validate_onnx(
         CheckpointError: the ONNX directory or the model cannot be read.
         UnsupportedArchitectureError: a head this exporter does not handle.
         CudaUnavailableError: ``device="cuda"`` without a usable CUDA.
+        OptionError: the directory holds an int4 export (measured by KL when exported, not by parity).
 
     Example:
         >>> validate_onnx("out/smol-19/onnx", "out/smol-19").passed  # doctest: +SKIP
@@ -304,7 +336,12 @@ def validate_onnx(
     loaded = _load(source.path, trust_remote_code)
     directory = Path(onnx_dir)
     meta = directory / REPORT_FILENAME
-    dtype = read_json_object(meta, "ONNX export report").get("dtype", "fp32") if meta.exists() else "fp32"
+    body = read_json_object(meta, "ONNX export report") if meta.exists() else {}
+    if body.get("quantization"):
+        raise OptionError(f"{directory} holds an int4 (MatMulNBits) graph, which cannot meet the parity bound; its KL "
+                          "against PyTorch was measured when it was exported (onnx-export.json, quantization)",
+                          hint="validate the float export, or export again with --quantize int4 --max-kl X")
+    dtype = body.get("dtype", "fp32")
     if dtype not in ("fp32", "fp16"):
         raise CheckpointError(str(meta), f"names dtype {dtype!r}, not fp32 or fp16")
     if meta.exists() and read_json_object(meta, "ONNX export report").get("graph") == "builder":

@@ -362,7 +362,11 @@ def _cmd_heal(args: argparse.Namespace) -> None:
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from exporters.onnx import export_onnx
+    from exporters.onnx_quantize import DEFAULT_BLOCK_SIZE
 
+    if args.quantize is None and (args.block_size is not None or args.asymmetric or args.keep_lm_head):
+        raise OptionError("--block-size, --asymmetric and --keep-lm-head apply to a quantized export",
+                          hint="add --quantize int4")
     if args.graph != "surgery":  # onnxruntime-genai's model builder, or auto's choice (exporters/onnx_builder.py)
         import functools
 
@@ -372,7 +376,9 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
     result = export_onnx(
         args.model, args.out, dtype=args.dtype, opset=args.opset, validate=not args.no_validate, device=args.device,
         force=args.force, quiet=args.quiet, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-        share_buffer=args.share_buffer,
+        share_buffer=args.share_buffer, quantize=args.quantize,
+        block_size=DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size,
+        symmetric=not args.asymmetric, quantize_lm_head=not args.keep_lm_head, max_kl=args.max_kl,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
 
@@ -564,6 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
     onx.add_argument("--share-buffer", action="store_true",
                      help="let the cache fill onnxruntime-genai's static past/present buffer (past_present_share_buffer "
                      "true in genai_config.json); a step then copies the whole buffer")
+    quant = onx.add_argument_group("weight-only quantization (docs/onnx.md, 'int4')")
+    quant.add_argument("--quantize", choices=("int4",),
+                       help="after the float graph is validated, rewrite its weight MatMuls to ONNX Runtime's MatMulNBits "
+                            "with int4 weights (round-to-nearest) and measure KL / top-1 / greedy agreement against PyTorch")
+    quant.add_argument("--block-size", type=int, metavar="N",
+                       help="with --quantize: weight rows per scale, 16, 32, 64, 128 or 256 (default 32)")
+    quant.add_argument("--asymmetric", action="store_true",
+                       help="with --quantize: uint4 with a zero point per block (default: symmetric int4, scale only)")
+    quant.add_argument("--keep-lm-head", action="store_true",
+                       help="with --quantize: leave the projection to the vocabulary in float (default: quantized too)")
+    quant.add_argument("--max-kl", type=_bar_value, metavar="X",
+                       help="with --quantize: fail, writing nothing, if KL(PyTorch fp32 || int4) is above X nats/token")
     onx.add_argument("--force", action="store_true", help="replace OUT if it is empty or an earlier output of this tool")
 
     gen = verb("generate", _cmd_generate, "generate with ONNX Runtime and the KV cache, streaming tokens")
