@@ -11,7 +11,10 @@ What it measures
       onnxruntime-genai (its ``Generator``, CPU provider) on the plain export with its dynamic cache and on
       the ``--share-buffer`` export with ``past_present_share_buffer`` true (one static buffer per
       past/present pair, ``max_length`` = prompt + decode + 1, as short as the run allows);
-    * the ratios to surgery's runner on the plain export, and whether the greedy tokens of all four agree.
+    * the ratios to surgery's runner on the plain export, and whether the greedy tokens of all four agree;
+    * unless ``--no-int4``: a third export with ``--quantize int4`` (MatMulNBits, block 32), run in both engines
+      (dynamic cache), its speed against the fp32 plain graph and the share of its greedy tokens equal to the
+      fp32 runner's (int4 tokens are not expected to be all equal).
 
     Engines alternate within each round; the figures are the best of ``--repeat`` rounds (a machine shared
     with other jobs only ever makes a run slower), and the median is printed too.
@@ -19,6 +22,7 @@ What it measures
 How to run (needs ``pip install 'layer-surgery[genai]'``)
     python benchmarks/genai_vs_runner.py                         # 1 thread, 5 rounds
     python benchmarks/genai_vs_runner.py --workdir /tmp/genai-bench   # reuse the exports next time
+    python benchmarks/genai_vs_runner.py --no-int4               # the four fp32 engines only
 """
 
 from __future__ import annotations
@@ -43,15 +47,17 @@ from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
 from surgery.source import open_source  # noqa: E402
 
 
-def export(source: Path, workdir: Path, name: str, drop: str | None, share_buffer: bool) -> Path:
+def export(source: Path, workdir: Path, name: str, drop: str | None, share_buffer: bool, int4: bool = False) -> Path:
     """The ONNX directory of the model (pruned first with ``drop``), written once into the work directory."""
     checkpoint = source if drop is None else workdir / name
-    onnx_dir = workdir / f"{name}-onnx{'-share' if share_buffer else ''}"
+    onnx_dir = workdir / f"{name}-onnx{'-share' if share_buffer else ''}{'-int4' if int4 else ''}"
     if drop is not None and not (checkpoint / "config.json").exists():
         surgery.prune(source, checkpoint, drop=drop, quiet=True)
     if not (onnx_dir / "genai_config.json").exists():
-        sys.stderr.write(f"exporting {name} to ONNX{' --share-buffer' if share_buffer else ''} (validated)...\n")
-        export_onnx(checkpoint, onnx_dir, quiet=True, force=True, share_buffer=share_buffer)
+        flags = (" --share-buffer" if share_buffer else "") + (" --quantize int4" if int4 else "")
+        sys.stderr.write(f"exporting {name} to ONNX{flags} (validated)...\n")
+        export_onnx(checkpoint, onnx_dir, quiet=True, force=True, share_buffer=share_buffer,
+                    quantize="int4" if int4 else None)
     return onnx_dir
 
 
@@ -93,6 +99,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     parser.add_argument("--decode", type=int, default=128, help="decode steps per round (default 128)")
     parser.add_argument("--workdir", type=Path, help="where the exports go (default: a temporary directory)")
+    parser.add_argument("--no-int4", action="store_true", help="leave out the --quantize int4 export")
     args = parser.parse_args()
     if (problem := genai_problem()) is not None:
         sys.exit(problem)
@@ -112,17 +119,23 @@ def main() -> None:
         runners = {"runner": OnnxCausalLM.load(plain, threads=args.threads),
                    "runner, share graph": OnnxCausalLM.load(shared, threads=args.threads)}
         genai = {"genai": Genai(plain, args.threads, False), "genai share": Genai(shared, args.threads, True)}
+        if not args.no_int4:
+            int4 = export(source, workdir, short, drop, False, int4=True)
+            runners["runner, int4"] = OnnxCausalLM.load(int4, threads=args.threads)
+            genai["genai int4"] = Genai(int4, args.threads, False)
         ids = np.random.default_rng(0).integers(100, 40_000, (1, args.prompt)).astype(np.int64)
         for runner in runners.values():  # warm-up all four
             runner.greedy(ids, max_new_tokens=4)
         for engine in genai.values():
             engine.greedy(ids[0].tolist(), 4)
-        speeds: dict[str, list[float]] = {"runner": [], "runner, share graph": [], "genai": [], "genai share": []}
+        speeds: dict[str, list[float]] = {engine: [] for engine in (*runners, *genai)}
         same = True
+        agreement: dict[str, list[float]] = {}
         order = list(speeds)
         for round_ in range(args.repeat):
             tokens: dict[str, list[int]] = {}
-            for engine in order[round_ % 4:] + order[:round_ % 4]:  # each engine first in turn
+            turn = round_ % len(order)
+            for engine in order[turn:] + order[:turn]:  # each engine first in turn
                 if engine in runners:
                     result = runners[engine].greedy(ids, max_new_tokens=args.decode + 1)
                     speed, tokens[engine] = result.decode_tokens_per_second, result.tokens[0].tolist()
@@ -130,8 +143,11 @@ def main() -> None:
                     speed, tokens[engine] = genai[engine].greedy(ids[0].tolist(), args.decode)
                 speeds[engine].append(speed)
                 sys.stderr.write(f"  {name} round {round_ + 1} {engine}: decode {speed:.1f} tok/s\n")
-            same = same and all(t == tokens["runner"] for t in tokens.values())
-        rows.append((name, runners["runner"].num_layers, speeds, same))
+            same = same and all(t == tokens["runner"] for engine, t in tokens.items() if "int4" not in engine)
+            for engine in (e for e in tokens if "int4" in e):  # int4: the share of the fp32 runner's tokens
+                pairs = list(zip(tokens[engine], tokens["runner"], strict=False))
+                agreement.setdefault(engine, []).append(sum(a == b for a, b in pairs) / max(1, len(pairs)))
+        rows.append((name, runners["runner"].num_layers, speeds, same, agreement))
         del runners, genai
 
     print()
@@ -139,13 +155,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     labels = {"runner": ("surgery's runner", "plain"), "runner, share graph": ("surgery's runner", "--share-buffer"),
               "genai": ("onnxruntime-genai, dynamic cache", "plain"),
-              "genai share": ("onnxruntime-genai, share buffer", "--share-buffer")}
-    for name, layers, speeds, same in rows:
+              "genai share": ("onnxruntime-genai, share buffer", "--share-buffer"),
+              "runner, int4": ("surgery's runner", "--quantize int4"),
+              "genai int4": ("onnxruntime-genai, dynamic cache", "--quantize int4")}
+    for name, layers, speeds, same, agreement in rows:
         base = max(speeds["runner"])
         for engine, values in speeds.items():
             label, graph = labels[engine]
+            equal = (f"{min(agreement[engine]):.0%} of fp32's" if engine in agreement else ("yes" if same else "NO"))
             print(f"| {name} | {layers} | {label} | {graph} | {max(values):.1f} | {statistics.median(values):.1f} | "
-                  f"{max(values) / base:.2f}x | {'yes' if same else 'NO'} |")
+                  f"{max(values) / base:.2f}x | {equal} |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
