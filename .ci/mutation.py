@@ -7,7 +7,7 @@ whose [tool.mutmut] table is replaced by the module's row of MODULES below. Resu
 (`cd mutants/engine && mutmut results`).
 
     pip install mutmut==3.8.1                      # dev-only, not in the test extra
-    python .ci/mutation.py                         # view.py (the default); one worker, tiny-model tests only
+    python .ci/mutation.py                         # view.py (the default); one worker, micro-model tests
     python .ci/mutation.py --module architecture   # or engine; further arguments go to `mutmut run`
 """
 
@@ -28,10 +28,18 @@ _COMMON: dict[str, str | list[str]] = {
     "pytest_add_cli_args": ["-m", "not real and not slow", "-p", "no:cacheprovider"],
 }
 MODULES: dict[str, dict[str, str | list[str]]] = {
+    # Micro models (hidden size 16, 4 layers) and hand-made blocks: seconds per mutant. test_view.py
+    # itself (tiny models of 12 families, written checkpoints, generation) takes minutes per mutant.
+    # A fork server: forked from mutmut's process after the stats run, whose forward passes started
+    # torch's thread pool, a mutant's first forward pass can wait forever (and counts as a timeout).
     "view": {
         **_COMMON,
+        "process_isolation": "forkserver",
         "only_mutate": ["surgery/view.py"],
-        "pytest_add_cli_args_test_selection": ["tests/test_view.py"],
+        "pytest_add_cli_args_test_selection": [
+            "tests/test_view_edges.py",
+            "tests/test_view.py::test_view_refuses_a_positional_setting_it_would_change",
+        ],
     },
     # Detection from files and through transformers, config checks and remapping; no model is run.
     "architecture": {

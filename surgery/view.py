@@ -32,8 +32,9 @@ from surgery.architecture import Architecture, _find_stack, layer_fields
 from surgery.errors import ParallelGroupError, PlanError
 from surgery.plan import ParallelGroup, Plan
 
-# Multimodal configs keep the language model's settings in one of these sub-configs.
-_TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
+# Multimodal and encoder-decoder configs keep the language model's settings in one of these
+# sub-configs (transformers' get_text_config returns text_config, decoder, generator or text_encoder).
+_TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config", "decoder", "generator", "text_encoder")
 
 
 class _ViewStep(torch.nn.Module):
