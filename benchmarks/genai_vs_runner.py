@@ -1,9 +1,9 @@
-"""Benchmark: onnxruntime-genai against surgery's runner on the same ONNX export, batch 1, on this CPU.
+"""Benchmark: onnxruntime-genai against surgery's runner, on surgery's exports and the reference builder's, batch 1, CPU.
 
 What it measures
-    For SmolLM2-135M (the embedded model, dequantized to fp32) and its ``--drop 10-20`` version, each
-    exported twice with ``surgery export-onnx`` (which writes ``genai_config.json``): as is, and with
-    ``--share-buffer``; side by side in one run with the same thread count:
+    For SmolLM2-135M (the embedded model, dequantized to fp32) and its ``--drop 10-20`` version, each exported
+    with ``surgery export-onnx`` (which writes ``genai_config.json``) as is and with ``--share-buffer``, side by
+    side in one run with the same thread count:
 
     * decode speed: tokens per second over ``--decode`` greedy steps after a ``--prompt``-token prefill,
       in surgery's runner (:class:`exporters.onnx_runtime.OnnxCausalLM`, the engine of ``surgery generate``,
@@ -11,40 +11,74 @@ What it measures
       onnxruntime-genai (its ``Generator``, CPU provider) on the plain export with its dynamic cache and on
       the ``--share-buffer`` export with ``past_present_share_buffer`` true (one static buffer per
       past/present pair, ``max_length`` = prompt + decode + 1, as short as the run allows);
-    * the ratios to surgery's runner on the plain export, and whether the greedy tokens of all four agree;
-    * unless ``--no-int4``: a third export with ``--quantize int4`` (MatMulNBits, block 32), run in both engines
-      (dynamic cache), its speed against the fp32 plain graph and the share of its greedy tokens equal to the
-      fp32 runner's (int4 tokens are not expected to be all equal).
+    * unless ``--no-builder``: the same checkpoint exported with the reference builder's graph
+      (``export_onnx_graph(..., graph="builder")``, i.e. ``export-onnx --graph builder``: onnxruntime-genai's
+      model builder, fp32, GroupQueryAttention), run in onnxruntime-genai with the builder's own
+      ``genai_config.json`` (its share buffer on) and in surgery's runner;
+    * unless ``--no-int4``: a ``--quantize int4`` export of surgery's graph (MatMulNBits, block 32), run in both
+      engines (dynamic cache), and the share of its greedy tokens equal to the fp32 runner's (int4 tokens are
+      not expected to be all equal);
+    * unless ``--no-wide``, for the full model only: SmolLM2 with two pairs merged into wide blocks
+      (``surgery parallel --groups 10-11,12-13``: 28 layers, the same weights), exported with surgery's graph
+      (the builder refuses wide blocks), run in both engines against the unmerged 30-layer export above;
+    * for every engine, the physical limit beside it: the weight bytes one decode step reads (the logic and
+      the bandwidth measurement of ``benchmarks/onnx_vs_eager.py``, imported from it: every weight once, the
+      tied embedding whole as the output projection; for int4, the MatMulNBits weights, scales and zero
+      points instead of the fp32 matrices they replace) divided by the memory read bandwidth (``torch.sum``
+      over 1 GiB, the same thread count, before the runs and after each model's; the best);
+    * the ratios to surgery's runner on the plain export, and for every engine the share of its greedy tokens
+      equal to its reference's (the fp32 runner on surgery's plain export; for the wide model's
+      onnxruntime-genai, the runner on the wide export).
 
-    Engines alternate within each round; the figures are the best of ``--repeat`` rounds (a machine shared
-    with other jobs only ever makes a run slower), and the median is printed too.
+    All engines of a model (the wide ones with the full model) run in one round-robin, each round starting one
+    engine later, so every comparison is paired; the figures are the best of ``--repeat`` rounds (a machine
+    shared with other jobs only ever makes a run slower), and the median is printed too.
+
+Targets (issue 16; printed as PASS/MISS; the script exits 0 either way: it is a benchmark, not a test)
+    * decode of surgery's plain export at least that of the builder's export of the same checkpoint, per model
+      and engine (onnxruntime-genai on both; surgery's runner on both); also printed: surgery's runner on
+      surgery's export against onnxruntime-genai on the builder's (the reference as shipped);
+    * int4 decode at least 2.5x the fp32 decode of the same export, per model and engine;
+    * aim: every engine at 80% of its bandwidth limit or more;
+    * the wide-block model's decode against the unmerged model's, per engine: the ratio, no target.
 
 How to run (needs ``pip install 'layer-surgery[genai]'``)
     python benchmarks/genai_vs_runner.py                         # 1 thread, 5 rounds
     python benchmarks/genai_vs_runner.py --workdir /tmp/genai-bench   # reuse the exports next time
-    python benchmarks/genai_vs_runner.py --no-int4               # the four fp32 engines only
+    python benchmarks/genai_vs_runner.py --no-int4 --no-builder --no-wide   # the four fp32 surgery-graph engines
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # onnx_vs_eager, beside this file
+
+from onnx_vs_eager import export_builder_graph, read_bandwidth, weight_bytes_per_token  # noqa: E402
 
 import surgery  # noqa: E402
 from exporters.onnx import export_onnx  # noqa: E402
 from exporters.onnx_genai import genai_problem  # noqa: E402
 from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
 from surgery.source import open_source  # noqa: E402
+
+BUILDER_TARGET = 1.0  # surgery's export at least the builder's, same engine
+INT4_TARGET = 2.5  # int4 decode over fp32 decode, same export, same engine
+BANDWIDTH_AIM = 0.80
+WIDE_GROUPS = "10-11,12-13"
 
 
 def export(source: Path, workdir: Path, name: str, drop: str | None, share_buffer: bool, int4: bool = False) -> Path:
@@ -61,18 +95,60 @@ def export(source: Path, workdir: Path, name: str, drop: str | None, share_buffe
     return onnx_dir
 
 
+def export_wide(source: Path, workdir: Path, name: str) -> tuple[Path, Path]:
+    """(checkpoint, ONNX directory) of the model with ``WIDE_GROUPS`` merged into wide blocks, written once."""
+    checkpoint, onnx_dir = workdir / f"{name}-wide", workdir / f"{name}-wide-onnx"
+    if not (checkpoint / "config.json").exists():
+        surgery.parallel(source, checkpoint, groups=WIDE_GROUPS, quiet=True, force=True)
+    if not (onnx_dir / "genai_config.json").exists():
+        sys.stderr.write(f"exporting {name} with wide blocks {WIDE_GROUPS} to ONNX (validated)...\n")
+        export_onnx(checkpoint, onnx_dir, quiet=True, force=True, trust_remote_code=True)
+    return checkpoint, onnx_dir
+
+
+def checkpoint_weight_bytes(checkpoint: Path, trust_remote_code: bool = False) -> int:
+    """The fp32 weight bytes one decode step reads (:func:`onnx_vs_eager.weight_bytes_per_token`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    total = weight_bytes_per_token(model)
+    del model
+    return total
+
+
+def int4_weight_bytes(onnx_dir: Path, float_bytes: int) -> int:
+    """The bytes one decode step of an int4 export reads: the fp32 count, less every matrix a MatMulNBits replaced
+    (K x N fp32), plus its packed weights, scales and zero points (a tied lm_head, counted whole in the fp32
+    figure, is one of those matrices; the float table left for the embedding's Gather is read one row)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    sizes = {i.name: int(np.prod(i.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize
+             for i in model.graph.initializer}
+    total = float_bytes
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            total += sum(sizes.get(name, 0) for name in node.input[1:4]) - int(attributes["K"]) * int(attributes["N"]) * 4
+    return total
+
+
 class Genai:
-    """onnxruntime-genai on an export directory, with ``threads`` intra-op threads."""
+    """onnxruntime-genai on an export directory, with ``threads`` intra-op threads; ``share_buffer`` None keeps
+    what the directory's ``genai_config.json`` says."""
 
-    def __init__(self, directory: Path, threads: int, share_buffer: bool) -> None:
-        import json
-
+    def __init__(self, directory: Path, threads: int, share_buffer: bool | None) -> None:
         import onnxruntime_genai as og
 
         self.og = og
         config = og.Config(str(directory))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}},
-                                   "search": {"past_present_share_buffer": share_buffer}}))
+        overlay: dict[str, object] = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+        if share_buffer is not None:
+            overlay["search"] = {"past_present_share_buffer": share_buffer}
+        config.overlay(json.dumps(overlay))
         self.model = og.Model(config)
 
     def greedy(self, ids: list[int], steps: int) -> tuple[float, list[int]]:
@@ -92,6 +168,41 @@ class Genai:
         return (len(tokens) - 1) / (time.perf_counter() - started), tokens
 
 
+@dataclass
+class Engine:
+    """One engine on one export, in a model's round-robin."""
+
+    label: str  # the engine as printed
+    graph: str  # the export as printed
+    run: Callable[[np.ndarray, int], tuple[float, list[int]]]  # (prompt ids [1, n], steps) -> (tok/s, tokens)
+    layers: int
+    weight_bytes: int
+    reference: str | None  # the engine whose greedy tokens this one's are compared with
+    speeds: list[float] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+
+
+def runner_engine(directory: Path, threads: int, graph: str, weight_bytes: int, reference: str | None) -> Engine:
+    lm = OnnxCausalLM.load(directory, threads=threads)
+
+    def run(ids: np.ndarray, steps: int) -> tuple[float, list[int]]:
+        result = lm.greedy(ids, max_new_tokens=steps + 1)
+        return result.decode_tokens_per_second, result.tokens[0].tolist()
+
+    return Engine("surgery's runner", graph, run, lm.num_layers, weight_bytes, reference)
+
+
+def genai_engine(directory: Path, threads: int, share_buffer: bool | None, label: str, graph: str, layers: int,
+                 weight_bytes: int, reference: str | None) -> Engine:
+    genai = Genai(directory, threads, share_buffer)
+    return Engine(label, graph, lambda ids, steps: genai.greedy(ids[0].tolist(), steps), layers, weight_bytes,
+                  reference)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both engines (default 1)")
@@ -100,6 +211,8 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=128, help="decode steps per round (default 128)")
     parser.add_argument("--workdir", type=Path, help="where the exports go (default: a temporary directory)")
     parser.add_argument("--no-int4", action="store_true", help="leave out the --quantize int4 export")
+    parser.add_argument("--no-builder", action="store_true", help="leave out the reference builder's export")
+    parser.add_argument("--no-wide", action="store_true", help="leave out the wide-block model")
     args = parser.parse_args()
     if (problem := genai_problem()) is not None:
         sys.exit(problem)
@@ -109,63 +222,127 @@ def main() -> None:
     import onnxruntime_genai as og
 
     source = open_source(None, quiet=True).path
+    bandwidth = read_bandwidth(args.threads)
     print(f"machine: {platform.machine()} {os.cpu_count()} logical CPUs, onnxruntime-genai {og.__version__}, "
           f"threads {args.threads}, prompt {args.prompt} tokens, {args.decode} decode steps, best of {args.repeat}; "
-          f"load average {os.getloadavg()[0]:.1f}")
-    rows = []
+          f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s (measured); load average {os.getloadavg()[0]:.1f}")
+    results: list[tuple[str, dict[str, Engine]]] = []
     for name, drop in (("SmolLM2-135M", None), ("SmolLM2-135M --drop 10-20", "10-20")):
         short = name.split()[0] + ("-drop" if drop else "")
+        checkpoint = source if drop is None else workdir / short
         plain, shared = (export(source, workdir, short, drop, share) for share in (False, True))
-        runners = {"runner": OnnxCausalLM.load(plain, threads=args.threads),
-                   "runner, share graph": OnnxCausalLM.load(shared, threads=args.threads)}
-        genai = {"genai": Genai(plain, args.threads, False), "genai share": Genai(shared, args.threads, True)}
-        if not args.no_int4:
-            int4 = export(source, workdir, short, drop, False, int4=True)
-            runners["runner, int4"] = OnnxCausalLM.load(int4, threads=args.threads)
-            genai["genai int4"] = Genai(int4, args.threads, False)
+        int4 = None if args.no_int4 else export(source, workdir, short, drop, False, int4=True)
+        builder = None
+        if not args.no_builder:
+            builder, why_not = export_builder_graph(checkpoint, workdir, short)
+            if builder is None:
+                sys.stderr.write(f"  {name}: no builder engines ({why_not})\n")
+        wide = None if args.no_wide or drop is not None else export_wide(source, workdir, short)
+        fp32_bytes = checkpoint_weight_bytes(checkpoint)
+
+        engines: dict[str, Engine] = {}
+        engines["runner"] = runner_engine(plain, args.threads, "plain", fp32_bytes, None)
+        layers = engines["runner"].layers
+        engines["runner, share graph"] = runner_engine(shared, args.threads, "--share-buffer", fp32_bytes, "runner")
+        engines["genai"] = genai_engine(plain, args.threads, False, "onnxruntime-genai, dynamic cache", "plain",
+                                        layers, fp32_bytes, "runner")
+        engines["genai share"] = genai_engine(shared, args.threads, True, "onnxruntime-genai, share buffer",
+                                              "--share-buffer", layers, fp32_bytes, "runner")
+        if builder is not None:
+            engines["runner, builder"] = runner_engine(builder, args.threads, "--graph builder", fp32_bytes, "runner")
+            engines["genai builder"] = genai_engine(builder, args.threads, None, "onnxruntime-genai, builder's config",
+                                                    "--graph builder", layers, fp32_bytes, "runner")
+        if int4 is not None:
+            int4_bytes = int4_weight_bytes(int4, fp32_bytes)
+            engines["runner, int4"] = runner_engine(int4, args.threads, "--quantize int4", int4_bytes, "runner")
+            engines["genai int4"] = genai_engine(int4, args.threads, False, "onnxruntime-genai, dynamic cache",
+                                                 "--quantize int4", layers, int4_bytes, "runner")
+        if wide is not None:
+            wide_bytes = checkpoint_weight_bytes(wide[0], trust_remote_code=True)
+            engines["runner, wide"] = runner_engine(wide[1], args.threads, f"wide blocks {WIDE_GROUPS}", wide_bytes,
+                                                    None)
+            engines["genai wide"] = genai_engine(wide[1], args.threads, False, "onnxruntime-genai, dynamic cache",
+                                                 f"wide blocks {WIDE_GROUPS}", engines["runner, wide"].layers,
+                                                 wide_bytes, "runner, wide")
+
         ids = np.random.default_rng(0).integers(100, 40_000, (1, args.prompt)).astype(np.int64)
-        for runner in runners.values():  # warm-up all four
-            runner.greedy(ids, max_new_tokens=4)
-        for engine in genai.values():
-            engine.greedy(ids[0].tolist(), 4)
-        speeds: dict[str, list[float]] = {engine: [] for engine in (*runners, *genai)}
-        same = True
-        agreement: dict[str, list[float]] = {}
-        order = list(speeds)
+        for engine in engines.values():  # warm-up every engine
+            engine.run(ids, 4)
+        order = list(engines)
         for round_ in range(args.repeat):
             tokens: dict[str, list[int]] = {}
             turn = round_ % len(order)
-            for engine in order[turn:] + order[:turn]:  # each engine first in turn
-                if engine in runners:
-                    result = runners[engine].greedy(ids, max_new_tokens=args.decode + 1)
-                    speed, tokens[engine] = result.decode_tokens_per_second, result.tokens[0].tolist()
-                else:
-                    speed, tokens[engine] = genai[engine].greedy(ids[0].tolist(), args.decode)
-                speeds[engine].append(speed)
-                sys.stderr.write(f"  {name} round {round_ + 1} {engine}: decode {speed:.1f} tok/s\n")
-            same = same and all(t == tokens["runner"] for engine, t in tokens.items() if "int4" not in engine)
-            for engine in (e for e in tokens if "int4" in e):  # int4: the share of the fp32 runner's tokens
-                pairs = list(zip(tokens[engine], tokens["runner"], strict=False))
-                agreement.setdefault(engine, []).append(sum(a == b for a, b in pairs) / max(1, len(pairs)))
-        rows.append((name, runners["runner"].num_layers, speeds, same, agreement))
-        del runners, genai
+            for key in order[turn:] + order[:turn]:  # each engine first in turn
+                speed, tokens[key] = engines[key].run(ids, args.decode)
+                engines[key].speeds.append(speed)
+                sys.stderr.write(f"  {name} round {round_ + 1} {key}: decode {speed:.1f} tok/s\n")
+            for key, engine in engines.items():
+                if engine.reference is not None:
+                    pairs = list(zip(tokens[key], tokens[engine.reference], strict=False))
+                    engine.agreement.append(sum(a == b for a, b in pairs) / max(1, len(pairs)))
+        for engine in engines.values():  # the sessions go; the figures stay
+            engine.run = None  # type: ignore[assignment]
+        results.append((name, engines))
+        bandwidth = max(bandwidth, read_bandwidth(args.threads))  # again after the runs: the best is the machine's
 
     print()
-    print("| model | layers | engine | graph | decode (tok/s) | median | vs runner, plain graph | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
-    labels = {"runner": ("surgery's runner", "plain"), "runner, share graph": ("surgery's runner", "--share-buffer"),
-              "genai": ("onnxruntime-genai, dynamic cache", "plain"),
-              "genai share": ("onnxruntime-genai, share buffer", "--share-buffer"),
-              "runner, int4": ("surgery's runner", "--quantize int4"),
-              "genai int4": ("onnxruntime-genai, dynamic cache", "--quantize int4")}
-    for name, layers, speeds, same, agreement in rows:
-        base = max(speeds["runner"])
-        for engine, values in speeds.items():
-            label, graph = labels[engine]
-            equal = (f"{min(agreement[engine]):.0%} of fp32's" if engine in agreement else ("yes" if same else "NO"))
-            print(f"| {name} | {layers} | {label} | {graph} | {max(values):.1f} | {statistics.median(values):.1f} | "
-                  f"{max(values) / base:.2f}x | {equal} |")
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    print("| model | layers | engine | graph | decode (tok/s) | median | vs runner, plain graph | weights/token | "
+          "bandwidth limit (tok/s) | % of limit | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, engines in results:
+        base = max(engines["runner"].speeds)
+        for key, engine in engines.items():
+            best, limit = max(engine.speeds), bandwidth / engine.weight_bytes
+            if engine.reference is None:
+                same = "(reference)" if key == "runner" else "-"
+            elif min(engine.agreement) == 1.0:
+                same = "yes"
+            else:
+                same = f"{min(engine.agreement):.0%} of {engines[engine.reference].label}'s ({engine.reference})"
+            print(f"| {name} | {engine.layers} | {engine.label} | {engine.graph} | {best:.1f} | "
+                  f"{median(engine.speeds):.1f} | {best / base:.2f}x | {engine.weight_bytes / 1e6:.0f} MB | "
+                  f"{limit:.1f} | {100 * best / limit:.0f}% | {same} |")
+    print(f"\nmemory read bandwidth, best of all passes: {bandwidth / 1e9:.1f} GB/s; "
+          f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+    def ratio(a: Engine, b: Engine) -> tuple[float, float]:
+        return max(a.speeds) / max(b.speeds), median(a.speeds) / median(b.speeds)
+
+    def verdict(value: float, target: float) -> str:
+        return "PASS" if value >= target else "MISS"
+
+    print("\nTargets (best of the rounds; the ratio of the medians in brackets)")
+    for name, engines in results:
+        for surgery_key, builder_key, engine_name in (("genai", "genai builder", "onnxruntime-genai"),
+                                                      ("runner", "runner, builder", "surgery's runner")):
+            if builder_key in engines:
+                best, mid = ratio(engines[surgery_key], engines[builder_key])
+                print(f"{name}, {engine_name}: surgery's export {max(engines[surgery_key].speeds):.1f} tok/s, "
+                      f"the builder's {max(engines[builder_key].speeds):.1f}: {best:.2f}x ({mid:.2f}x), target "
+                      f">= {BUILDER_TARGET:.2f}x: {verdict(best, BUILDER_TARGET)}")
+        if "genai builder" in engines:
+            best, mid = ratio(engines["runner"], engines["genai builder"])
+            print(f"{name}, surgery's runner on surgery's export against onnxruntime-genai on the builder's (the "
+                  f"reference as shipped): {best:.2f}x ({mid:.2f}x), target >= {BUILDER_TARGET:.2f}x: "
+                  f"{verdict(best, BUILDER_TARGET)}")
+        for fp32_key, int4_key, engine_name in (("runner", "runner, int4", "surgery's runner"),
+                                                ("genai", "genai int4", "onnxruntime-genai")):
+            if int4_key in engines:
+                best, mid = ratio(engines[int4_key], engines[fp32_key])
+                print(f"{name}, {engine_name}: int4 {max(engines[int4_key].speeds):.1f} tok/s against fp32 "
+                      f"{max(engines[fp32_key].speeds):.1f}: {best:.2f}x ({mid:.2f}x), target >= {INT4_TARGET}x: "
+                      f"{verdict(best, INT4_TARGET)}")
+        for engine in engines.values():
+            fraction = max(engine.speeds) * engine.weight_bytes / bandwidth
+            print(f"{name}, {engine.label}, {engine.graph}: {100 * fraction:.0f}% of the bandwidth limit, aim "
+                  f"{100 * BANDWIDTH_AIM:.0f}%: {verdict(fraction, BANDWIDTH_AIM)}")
+        for wide_key, base_key, engine_name in (("runner, wide", "runner", "surgery's runner"),
+                                                ("genai wide", "genai", "onnxruntime-genai")):
+            if wide_key in engines:
+                best, mid = ratio(engines[wide_key], engines[base_key])
+                print(f"{name}, {engine_name}: wide blocks {WIDE_GROUPS} ({engines[wide_key].layers} layers) "
+                      f"{max(engines[wide_key].speeds):.1f} tok/s against unmerged ({engines[base_key].layers} "
+                      f"layers) {max(engines[base_key].speeds):.1f}: {best:.2f}x ({mid:.2f}x)")
 
 
 if __name__ == "__main__":
