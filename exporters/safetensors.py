@@ -15,7 +15,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,10 @@ _CAST_CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements (16 MB of fp32) per cast step
 # size: measured on ext4 (1.6 GB, warm cache), copy_file_range + sync took 1.24 s with the offsets
 # 1,000 bytes apart against 0.87 s congruent (the time of cp). The header is padded to get there.
 PAGE = 4096
+# A run of copied bytes at least this large, which cannot keep its page alignment after what comes
+# before it, starts a new shard (under --max-shard-size) so that its own header can align it.
+ALIGNED_RUN_BYTES = 64 << 20
+_RUN_CALL_BYTES = 256 << 20  # the most one merged copy call moves, so that progress still moves
 _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
@@ -72,11 +76,33 @@ def output_dtype(source_dtype: str, cast: str | None) -> str:
     return SAFETENSORS_DTYPE[cast]
 
 
+def _runs(tensors: Sequence[OutputTensor]) -> list[int]:
+    """Per tensor, the bytes of the run it starts (0 inside a run): consecutive copied tensors of one
+    source file whose offsets stay congruent modulo :data:`PAGE` when written one after another."""
+    starts: list[int] = []
+    for i, tensor in enumerate(tensors):
+        source = tensor.source
+        previous = tensors[i - 1] if i else None
+        joined = (
+            previous is not None and isinstance(source, TensorEntry) and tensor.dtype == source.dtype
+            and isinstance(previous.source, TensorEntry) and previous.dtype == previous.source.dtype
+            and previous.source.file == source.file
+            and (source.start - previous.source.start - previous.nbytes) % PAGE == 0
+        )
+        starts.append(starts[-1] if joined else i)
+    sizes = [0] * len(tensors)
+    for i, start in enumerate(starts):
+        sizes[start] += tensors[i].nbytes
+    return sizes
+
+
 def layout_shards(tensors: Sequence[OutputTensor], max_shard_size: int) -> list[tuple[str, list[OutputTensor]]]:
     """Split tensors, in order, into shards of at most ``max_shard_size`` bytes, named as transformers does.
 
-    A tensor larger than the limit gets a shard of its own. One shard is ``model.safetensors``;
-    more are ``model-00001-of-0000N.safetensors``.
+    A tensor larger than the limit gets a shard of its own. A run of at least
+    :data:`ALIGNED_RUN_BYTES` copied bytes that would land off its source's page alignment after a
+    shard's first :data:`ALIGNED_RUN_BYTES` starts a shard of its own (the kernel copies aligned
+    ranges ~1.4x faster). One shard is ``model.safetensors``; more are ``model-00001-of-0000N.safetensors``.
 
     Example:
         >>> layout_shards([], 10)
@@ -84,10 +110,18 @@ def layout_shards(tensors: Sequence[OutputTensor], max_shard_size: int) -> list[
     """
     groups: list[list[OutputTensor]] = []
     size = 0
-    for tensor in tensors:
-        if not groups or (size + tensor.nbytes > max_shard_size and groups[-1]):
+    residue: int | None = None  # the current shard's alignment: data start modulo PAGE
+    runs = _runs(tensors)
+    for tensor, run in zip(tensors, runs, strict=True):
+        source = tensor.source
+        wanted = (source.start - size) % PAGE if isinstance(source, TensorEntry) else None
+        misaligned = run >= ALIGNED_RUN_BYTES and size >= ALIGNED_RUN_BYTES and wanted != residue
+        if not groups or (groups[-1] and (size + tensor.nbytes > max_shard_size or misaligned)):
             groups.append([])
             size = 0
+            residue = None
+        if residue is None and run >= ALIGNED_RUN_BYTES:
+            residue = (source.start - size) % PAGE if isinstance(source, TensorEntry) else None
         groups[-1].append(tensor)
         size += tensor.nbytes
     if len(groups) == 1:
@@ -190,6 +224,36 @@ def _write_computed(dst: int, tensor: OutputTensor, source: ComputedSource, dst_
         done += os.pwrite(dst, data[done:], dst_offset + done)
 
 
+def _pieces(tensors: Sequence[OutputTensor]) -> Iterator[tuple[Path, int, int] | OutputTensor]:
+    """The shard's tensors in order, each run of copies stored back to back in one source file merged
+    into ``(file, start, bytes)``: one call per run, where a call per tensor cost 0.48 s against cp's
+    0.41 s on 1.6 GB (138 tensors); a cast or computed tensor as itself."""
+    run: tuple[Path, int, int] | None = None
+    for tensor in tensors:
+        source = tensor.source
+        if isinstance(source, TensorEntry) and tensor.dtype == source.dtype:
+            if (run is not None and run[0] == source.file and run[1] + run[2] == source.start
+                    and run[2] + tensor.nbytes <= _RUN_CALL_BYTES):
+                run = (run[0], run[1], run[2] + tensor.nbytes)
+                continue
+            if run is not None:
+                yield run
+            run = (source.file, source.start, tensor.nbytes)
+            continue
+        if run is not None:
+            yield run
+            run = None
+        yield tensor
+    if run is not None:
+        yield run
+
+
+def _opened(sources: dict[Path, int], path: Path) -> int:
+    if path not in sources:
+        sources[path] = os.open(path, os.O_RDONLY)
+    return sources[path]
+
+
 def write_shards(
     directory: Path,
     shards: Sequence[tuple[str, Sequence[OutputTensor]]],
@@ -201,7 +265,8 @@ def write_shards(
     Args:
         directory: an existing, empty directory (a staging directory).
         shards: from :func:`layout_shards`.
-        on_bytes: called with the bytes written after each tensor (progress).
+        on_bytes: called with the bytes written after each tensor, or each run of tensors copied in one call
+            (progress).
 
     Example:
         >>> import tempfile, torch, safetensors.torch
@@ -222,23 +287,19 @@ def write_shards(
             try:
                 os.write(fd, header)
                 offset = len(header)
-                for tensor in tensors:
-                    if isinstance(tensor.source, ComputedSource):
-                        _write_computed(fd, tensor, tensor.source, offset)
-                        offset += tensor.nbytes
-                        if on_bytes is not None:
-                            on_bytes(tensor.nbytes)
-                        continue
-                    path = tensor.source.file
-                    if path not in sources:
-                        sources[path] = os.open(path, os.O_RDONLY)
-                    if tensor.dtype == tensor.source.dtype:
-                        _copy_range(sources[path], fd, tensor.source.start, tensor.nbytes, offset)
+                for piece in _pieces(tensors):
+                    if isinstance(piece, tuple):  # a run of tensors stored back to back: one kernel copy
+                        path, start, count = piece
+                        _copy_range(_opened(sources, path), fd, start, count, offset)
+                    elif isinstance(piece.source, ComputedSource):
+                        _write_computed(fd, piece, piece.source, offset)
+                        count = piece.nbytes
                     else:
-                        _cast_range(sources[path], fd, tensor, offset)
-                    offset += tensor.nbytes
+                        _cast_range(_opened(sources, piece.source.file), fd, piece, offset)
+                        count = piece.nbytes
+                    offset += count
                     if on_bytes is not None:
-                        on_bytes(tensor.nbytes)
+                        on_bytes(count)
             finally:
                 os.close(fd)
     finally:

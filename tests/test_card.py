@@ -211,3 +211,28 @@ def test_gguf_general_strings_equal_the_gguf_readers() -> None:
                 expected[key] = value
     assert expected.get("general.license") == "apache-2.0"
     assert gguf_strings(path) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "---\nlibrary_name: transformers\n---\n# m\n",
+    "---\r\nlicense: apache-2.0\r\n---\r\ntext",
+    "---\nlicense: [unclosed\n---\n",
+    "---\n- a list\n---\n",
+    "---\n\n---\n# empty\n",
+    "# no block\n",
+    "---\nno end of the block\n",
+    "---\nmodel-index: 3\n---\n",
+])
+def test_the_light_metadata_check_agrees_with_validate_card(text: str) -> None:
+    """The check every write runs (no huggingface_hub.repocard import) accepts and refuses what
+    validate_card (huggingface_hub.ModelCard) does, with the same message."""
+    from exporters.card import check_card_metadata
+
+    def outcome(check: Callable[[], object]) -> str:
+        try:
+            check()
+        except ModelCardError as exc:
+            return str(exc)
+        return "ok"
+
+    assert outcome(lambda: check_card_metadata(text)) == outcome(lambda: validate_card(text))

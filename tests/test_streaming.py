@@ -211,3 +211,52 @@ def test_the_header_pads_to_where_most_copied_bytes_align(tmp_path: Path) -> Non
     length = int.from_bytes(raw[:8], "little")
     assert json.loads(raw[8 : 8 + length])["big"]["data_offsets"] == [400, 24400]
     assert data_residue([OutputTensor("cast", big, "BF16")]) == 8  # a cast is not a copy: nothing to align
+
+
+def test_a_large_run_that_cannot_align_starts_its_own_shard(tiny_sharded: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the run threshold lowered to tiny sizes, the output of a sharded source is split where
+    runs change alignment, so that nearly every byte keeps its source page offset; it still loads."""
+    from exporters.safetensors import PAGE
+
+    def congruent_share(out: Path) -> float:
+        before, after = read_tensor_index(tiny_sharded), read_tensor_index(out)
+        renamed = {f"model.layers.{new}.": f"model.layers.{old}." for new, old in [(0, 0), (1, 1), (2, 4), (3, 5)]}
+        total = same = 0
+        for name, tensor in after.items():
+            prefix = next((p for p in renamed if name.startswith(p)), None)
+            origin = before[name.replace(prefix, renamed[prefix]) if prefix else name]
+            total += tensor.nbytes
+            same += tensor.nbytes * ((tensor.start - origin.start) % PAGE == 0)
+        return same / total
+
+    one = surgery.prune(tiny_sharded, tmp_path / "one", drop="2-3", quiet=True)
+    monkeypatch.setattr("exporters.safetensors.ALIGNED_RUN_BYTES", 1024)
+    split = surgery.prune(tiny_sharded, tmp_path / "split", drop="2-3", quiet=True)
+    assert len(one.shards) == 1 < len(split.shards)
+    assert congruent_share(tmp_path / "one") < 0.5 < 0.95 < congruent_share(tmp_path / "split")
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "split").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensors_stored_back_to_back_are_copied_in_one_call(tiny_model: Callable[..., Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of source-contiguous tensors go through one copy_file_range each; the bytes are the same
+    as a copy per tensor."""
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def counted(src: int, dst: int, count: int, offset_src: int | None = None, offset_dst: int | None = None) -> int:
+        calls.append(count)
+        return real(src, dst, count, offset_src, offset_dst)
+
+    src = tiny_model("llama")
+    monkeypatch.setattr(os, "copy_file_range", counted)
+    surgery.prune(src, tmp_path / "merged", drop="2-3", quiet=True)
+    merged_calls = len(calls)
+    monkeypatch.setattr("exporters.safetensors._RUN_CALL_BYTES", 1)  # no run may grow: a call per tensor
+    surgery.prune(src, tmp_path / "single", drop="2-3", quiet=True)
+    tensors = len(read_tensor_index(tmp_path / "single"))
+    assert merged_calls < tensors // 2 and len(calls) - merged_calls == tensors
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (tmp_path / "single" / "model.safetensors").read_bytes()
