@@ -312,7 +312,8 @@ def validate(
 def prune(
     model: PathLike | None, out: PathLike | None, *, drop: str | None = None, keep: str | None = None,
     to_layers: int | None = None, method: str = "greedy", beam: int = 1, block_by: str = "measured",
-    allow_parallel: bool = False, search: SearchOptions | None = None, **options: Unpack[Options],
+    allow_parallel: bool = False, screen: int | None = None, search: SearchOptions | None = None,
+    **options: Unpack[Options],
 ) -> SurgeryResult:
     """Drop layers: ``drop`` names the layers to remove, ``keep`` the ones to keep, or ``to_layers``
     the depth to reach, the layers to drop then found by a search (:func:`surgery.search.search`).
@@ -334,8 +335,12 @@ def prune(
         block_by: with ``block``: ``measured`` KL (default) or ``angular`` distance (one pass).
         allow_parallel: with ``greedy`` or ``block``: the search may merge consecutive layers into a
             parallel group.
+        screen: with ``greedy`` or measured ``block``: candidates per step re-scored on the whole
+            calibration budget after a screening on ``search["screen_tokens"]`` (default 4; 0: every
+            candidate on the whole budget).
         search: with ``to_layers``: the text and measuring options (:class:`~surgery.search.SearchOptions`:
-            ``data``, ``held_out``, ``eval_tokens``, ``max_tokens`` (calibration), ``seq_len``, ...).
+            ``data``, ``held_out``, ``eval_tokens``, ``max_tokens`` (calibration, default 4096),
+            ``screen_tokens`` (default 1024), ``seq_len``, ...).
         **options: see :class:`Options`.
 
     Returns:
@@ -343,7 +348,7 @@ def prune(
 
     Raises:
         OptionError: not exactly one of ``drop``, ``keep`` and ``to_layers``; search options without
-            ``to_layers``; a bad ``to_layers``, method or beam (see :func:`surgery.search.check_target`).
+            ``to_layers``; a bad ``to_layers``, method, beam or screen (see :func:`surgery.search.check_target`).
         PlanError: a malformed range, an index out of range, or nothing left.
         OutputExistsError: with ``to_layers``: OUT exists and ``force`` is False (checked before the search).
         SearchInterrupted: Ctrl-C during the search (the best plan so far is printed; nothing written).
@@ -359,9 +364,10 @@ def prune(
     if sum(x is not None for x in (drop, keep, to_layers)) != 1:
         raise OptionError("give exactly one of drop (--drop), keep (--keep) and to_layers (--to-layers)")
     if to_layers is not None:
-        return _prune_to(model, out, to_layers, method, beam, block_by, allow_parallel, search or {}, options)
-    if (method, beam, block_by, allow_parallel, search) != ("greedy", 1, "measured", False, None):
-        raise OptionError("method, beam, block_by, allow_parallel and search apply only with to_layers (--to-layers)")
+        return _prune_to(model, out, to_layers, method, beam, block_by, allow_parallel, screen, search or {}, options)
+    if (method, beam, block_by, allow_parallel, screen, search) != ("greedy", 1, "measured", False, None, None):
+        raise OptionError("method, beam, block_by, allow_parallel, screen and search apply only with to_layers "
+                          "(--to-layers)")
     if drop is not None:
         return _run(model, out, lambda n: Plan.drop(drop, n), options)
     assert keep is not None  # narrowed by the check above
@@ -370,7 +376,7 @@ def prune(
 
 def _prune_to(
     model: PathLike | None, out: PathLike | None, to_layers: int, method: str, beam: int, block_by: str,
-    allow_parallel: bool, search: SearchOptions, options: Options,
+    allow_parallel: bool, screen: int | None, search: SearchOptions, options: Options,
 ) -> SurgeryResult:
     """``prune(..., to_layers=N)``: every input checked, then the search, then the write of its plan."""
     import dataclasses
@@ -381,7 +387,8 @@ def _prune_to(
 
     source = open_source(model, allow_pickle=options.get("allow_pickle", False), quiet=options.get("quiet", False))
     num_layers = count_layers(source.path, trust_remote_code=options.get("trust_remote_code", False))
-    check_target(to_layers, num_layers, method, beam=beam, block_by=block_by, allow_parallel=allow_parallel)
+    check_target(to_layers, num_layers, method, beam=beam, block_by=block_by, allow_parallel=allow_parallel,
+                 screen=screen)
     _check_validate_options(options)
     _check_push_options(options)
     if out is None and not options.get("dry_run", False):
@@ -391,7 +398,7 @@ def _prune_to(
     measure: dict[str, Any] = {"quiet": options.get("quiet", False), "allow_pickle": options.get("allow_pickle", False),
                                "trust_remote_code": options.get("trust_remote_code", False), **search}
     report = run_search(model, to_layers, method=method, beam=beam, block_by=block_by, allow_parallel=allow_parallel,
-                        **measure)
+                        screen=screen, **measure)
     chosen = report.plan
     result = _run(model, out, lambda n: chosen, options)
     return dataclasses.replace(result, search=report)

@@ -150,6 +150,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     model, out = _paths(args)
     if args.to_layers is None:
         given = [flag for flag, value in (("--method", args.method), ("--beam", args.beam), ("--block-by", args.block_by),
+                                          ("--screen", args.screen), ("--screen-tokens", args.screen_tokens),
                                           ("--held-out", args.held_out), ("--eval-tokens", args.eval_tokens))
                  if value is not None] + (["--allow-parallel"] if args.allow_parallel else [])
         if given:
@@ -157,7 +158,8 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         _report(api.prune(model, out, drop=args.drop, keep=args.keep, **_options(args)), args)
         return
     # --data and the measuring options choose the search's text and windows (and, with --validate, its text too).
-    search: dict[str, Any] = {key: getattr(args, key) for key in ("data", "held_out", "eval_tokens", *_WRITING_MEASURE)
+    search: dict[str, Any] = {key: getattr(args, key) for key in ("data", "held_out", "eval_tokens", "screen_tokens",
+                                                                  *_WRITING_MEASURE)
                               if key not in ("prompts", "new_tokens") and getattr(args, key) is not None}
     options = _options(args)
     if not args.validate:
@@ -165,7 +167,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         options["measure"] = {}
     # Ctrl-C: the search prints the best plan so far; main() then says nothing was written (exit 130).
     result = api.prune(model, out, to_layers=args.to_layers, method=args.method or "greedy", beam=args.beam or 1,
-                       block_by=args.block_by or "measured", allow_parallel=args.allow_parallel,
+                       block_by=args.block_by or "measured", allow_parallel=args.allow_parallel, screen=args.screen,
                        search=search, **options)  # type: ignore[arg-type]  # the keys of SearchOptions
     if not args.json:
         print(result.search.format())
@@ -425,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--to-layers", type=int, metavar="N",
                        help="search for the layers to drop to reach N layers (scored in memory on calibration text "
                             "by KL against the original), then write that plan; --data, --max-tokens (calibration "
-                            "budget, default 1024), --seq-len, --batch-size and --device apply to the search")
+                            "budget, default 4096), --seq-len, --batch-size and --device apply to the search")
     found = prune.add_argument_group("search, with --to-layers")
     found.add_argument("--method", choices=("greedy", "block", "score"),
                        help="greedy (default): one layer at a time, lowest measured KL; block: the best contiguous "
@@ -436,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     found.add_argument("--allow-parallel", action="store_true",
                        help="the search may also merge consecutive layers into a parallel group (written as a "
                             "wide-block checkpoint when it wins)")
+    found.add_argument("--screen", type=int, metavar="K",
+                       help="with greedy or measured block: score every candidate on --screen-tokens of the "
+                            "calibration text first, then the K best of each step on all of it (default 4; 0: every "
+                            "candidate on all of it)")
+    found.add_argument("--screen-tokens", type=int, metavar="T",
+                       help="calibration tokens of the screening, spread over the budget (default 1024)")
     found.add_argument("--held-out", type=float, metavar="SHARE",
                        help="share of the text, from its end, kept for measuring the chosen plan (default 0.1)")
     found.add_argument("--eval-tokens", type=int, help="most held-out tokens measured (default 4096)")

@@ -19,7 +19,7 @@ from surgery.corpus import read_texts
 from surgery.errors import OptionError
 from surgery.loading import Settings, load_model
 from surgery.plan import ParallelGroup, Plan
-from surgery.search import SearchInterrupted, check_target, search, split_windows
+from surgery.search import SearchInterrupted, check_target, screening_order, search, split_windows
 from tests import tiny
 from tests.helpers import assert_one_line_error
 from tests.helpers import run_cli as run
@@ -29,6 +29,8 @@ L = tiny.NUM_LAYERS
 N = 3  # 20 plans of 3 layers out of 6: small enough to measure them all here
 FAST: dict[str, Any] = {"seq_len": 64, "max_tokens": 128, "eval_tokens": 128, "quiet": True, "device": "cpu"}
 CLI_FAST = ["--seq-len", "64", "--max-tokens", "128", "--eval-tokens", "128", "--device", "cpu", "-q"]
+# 8 calibration windows of 64 tokens, 2 of them the screening windows
+SCREENED: dict[str, Any] = {**FAST, "max_tokens": 512, "screen_tokens": 128}
 
 
 def _windows(path: Path, text_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +160,61 @@ def test_parallel_groups_are_measured_as_the_reference_and_the_plain_line_is_kep
     assert "parallel  a plan with a group" in mixed.format()
 
 
+def test_screening_order_spreads_the_screening_windows_and_keeps_every_window() -> None:
+    assert screening_order(16, 4)[:4] == [0, 4, 8, 12]
+    assert screening_order(10, 3)[:3] == [0, 3, 6]
+    for count, screen in [(16, 4), (10, 3), (7, 6), (5, 1)]:
+        order = screening_order(count, screen)
+        assert sorted(order) == list(range(count)) and order[screen:] == sorted(order[screen:])
+    assert screening_order(4, 4) == screening_order(4, 0) == [0, 1, 2, 3]  # nothing to screen
+
+
+@pytest.mark.parametrize("method", ["greedy", "block"])
+def test_screening_scores_every_candidate_on_its_windows_and_the_best_on_all(
+    readable_tiny: Callable[[str], Path], text_file: Path, method: str
+) -> None:
+    """Each screening KL and each full KL equal the reference run whole on its windows; exactly the
+    ``screen`` lowest by screening KL of a step get a full KL, and the step keeps the lowest of those."""
+    path = readable_tiny("llama")
+    loaded = load_model(path, Settings(device="cpu", quiet=True))
+    settings = Settings(seq_len=64, max_tokens=512, device="cpu", quiet=True)
+    calibration, _ = split_windows(loaded, read_texts(text_file), settings, held_out=0.1, eval_tokens=128)
+    assert calibration.shape[0] == 8
+    screen_windows = calibration[screening_order(8, 2)[:2]]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        all_logits = model(input_ids=calibration, use_cache=False).logits
+        screen_logits = model(input_ids=screen_windows, use_cache=False).logits
+
+    report = search(path, N, method=method, screen=2, data=text_file, **SCREENED)
+    assert (report.screen, report.screen_windows, report.calibration_windows) == (2, 2, 8)
+    assert "screening every candidate on 2 windows, the best 2 of each step on all 8" in report.format()
+    assert report.to_dict()["screening"] == {"windows": 2, "rescored": 2}
+    for step in sorted({c.step for c in report.candidates}):
+        rows = [c for c in report.candidates if c.step == step]
+        for row in rows:
+            layers = list(Plan.from_ranges(row.plan, L).layers)
+            assert row.screen_kl == pytest.approx(_kl(reference_model(model, layers), screen_logits, screen_windows),
+                                                  rel=1e-4), row.plan
+        full = [c for c in rows if c.kl is not None]
+        assert {c.plan for c in full} == {c.plan for c in sorted(rows, key=lambda c: (c.screen_kl, c.plan))[:2]}
+        for row in full:
+            layers = list(Plan.from_ranges(row.plan, L).layers)
+            assert row.kl == pytest.approx(_kl(reference_model(model, layers), all_logits, calibration), rel=1e-4)
+        assert report.trace[step - 1].kl == min(c.kl for c in full if c.kl is not None)
+    assert report.calibration_kl == report.trace[-1].kl and str(report.plan) == report.trace[-1].plan
+
+    plain = search(path, N, method=method, screen=0, data=text_file, **SCREENED)
+    assert plain.screen_windows == 0 and "screening" not in plain.format()
+    assert all(c.screen_kl is None and c.kl is not None for c in plain.candidates)
+    if method == "block":  # every block measured on all the windows: the screened choice is never better
+        assert plain.calibration_kl <= report.calibration_kl + 1e-9
+    for row in report.candidates:  # the full KLs are the plain search's, candidate by candidate
+        same = next((c for c in plain.candidates if c.plan == row.plan and c.step == row.step), None)
+        if row.kl is not None and same is not None and same.kl is not None:
+            assert row.kl == pytest.approx(same.kl, rel=1e-5)
+
+
 def test_the_held_out_windows_are_the_end_of_the_text_and_never_calibrate(
     readable_tiny: Callable[[str], Path], text_file: Path
 ) -> None:
@@ -181,6 +238,8 @@ def test_check_target_refuses_what_cannot_be_searched() -> None:
         (3, "score", {"allow_parallel": True}, "--allow-parallel"), (3, "magic", {}, "unknown search method"),
         (3, "block", {"block_by": "angular", "allow_parallel": True}, "--allow-parallel"),
         (3, "block", {"block_by": "cosine"}, "unknown block ranking"),
+        (3, "greedy", {"screen": -1}, "--screen must be"), (3, "greedy", {"screen": 1.5}, "--screen must be"),
+        (3, "score", {"screen": 2}, "--screen applies"), (3, "block", {"block_by": "angular", "screen": 0}, "--screen applies"),
     ]:
         with pytest.raises(OptionError, match=text):
             check_target(bad, 6, method, **extra)
@@ -236,6 +295,9 @@ def test_cli_dry_run_and_json(readable_tiny: Callable[[str], Path], text_file: P
     (["--to-layers", "3", "--method", "score", "--allow-parallel"], "--allow-parallel"),
     (["--to-layers", "3", "--method", "block", "--beam", "4"], "--beam applies to --method greedy"),
     (["--drop", "3", "--method", "block"], "--method, --eval-tokens apply only with --to-layers"),
+    (["--drop", "3", "--screen", "2"], "--screen, --eval-tokens apply only with --to-layers"),
+    (["--to-layers", "3", "--screen", "-1"], "--screen must be"),
+    (["--to-layers", "3", "--screen-tokens", "0"], "screen-tokens must be"),
     (["--to-layers", "3", "--held-out", "1.5"], "held-out"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(
