@@ -73,7 +73,9 @@ def main() -> None:
     parser.add_argument("--model", help="default: the embedded SmolLM2-135M")
     parser.add_argument("--depths", default="26,22", help="target depths N, comma-separated (default 26,22)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="calibration tokens (default 1024)")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096, the search's)")
+    parser.add_argument("--screen", type=int, help="greedy and measured block: candidates re-scored per step on all "
+                                                   "the calibration tokens after screening (default: the search's, 4)")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens (default 4096)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--no-contiguous", action="store_true",
@@ -91,7 +93,8 @@ def main() -> None:
     options: dict[str, Any] = {"device": "cpu", "seq_len": args.seq_len, "max_tokens": args.max_tokens,
                                "eval_tokens": args.eval_tokens}
     print(f"machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}; "
-          f"calibration {args.max_tokens} tokens, held out {args.eval_tokens} tokens, windows of {args.seq_len}")
+          f"calibration {args.max_tokens} tokens, held out {args.eval_tokens} tokens, windows of {args.seq_len}; "
+          f"screening {'the search default' if args.screen is None else args.screen}")
     results: dict[str, Any] = {}
     lines: list[str] = []
     verdicts: list[str] = []
@@ -102,14 +105,16 @@ def main() -> None:
                                                                        "ppl": math.nan}
         rows = []
         for name in methods:
-            report = surgery.search.search(args.model, depth, quiet=True, **options, **METHODS[name])
+            screen = {} if args.screen is None or name in ("block (angular)", "score (BI)") else {"screen": args.screen}
+            report = surgery.search.search(args.model, depth, quiet=True, **options, **METHODS[name], **screen)
             c = report.held_out
             row = {"method": name, "plan": str(report.plan), "dropped": report.dropped,
                    "groups": [str(g) for g in report.plan.groups], "kl": c.kl, "top1": c.top1, "ppl": c.ppl_new,
                    "ppl_original": c.ppl_original, "calibration_kl": report.calibration_kl,
                    "candidates": len(report.candidates), "seconds": report.seconds, "parallel_won": report.parallel_won,
                    "parallel_best": report.parallel_best, "drop_best": report.drop_best,
-                   "source_layers": report.source_layers}
+                   "source_layers": report.source_layers, "screen": report.screen,
+                   "screen_windows": report.screen_windows, "calibration_windows": report.calibration_windows}
             rows.append(row)
             print("  " + json.dumps(row), file=sys.stderr, flush=True)
         results[str(depth)] = {"contiguous": windows, "best_contiguous": best, "methods": rows}

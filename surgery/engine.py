@@ -444,10 +444,13 @@ def write_output(
         >>> write_output(source, Path("out"), result, shards, config, card=write_card, force=False, quiet=True)  # doctest: +SKIP
     """
     with staged_output(out, force=force) as staging:
-        from tqdm.auto import tqdm
+        if quiet:  # no bar: and no tqdm import (with asyncio, 33 ms of a 0.5 s prune)
+            write_shards(staging, shards)
+        else:
+            from tqdm.auto import tqdm
 
-        with tqdm(total=result.total_bytes, unit="B", unit_scale=True, desc="writing", disable=quiet, file=sys.stderr) as bar:
-            write_shards(staging, shards, on_bytes=bar.update)
+            with tqdm(total=result.total_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr) as bar:
+                write_shards(staging, shards, on_bytes=bar.update)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if before_files is not None:
             before_files(staging)
