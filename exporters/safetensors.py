@@ -68,6 +68,12 @@ class OutputTensor:
     def nbytes(self) -> int:
         return self.source.numel * DTYPE_SIZES[self.dtype]
 
+    @property
+    def copied(self) -> TensorEntry | None:
+        """The source entry when the bytes are copied as stored (no cast, not computed), else None."""
+        source = self.source
+        return source if isinstance(source, TensorEntry) and self.dtype == source.dtype else None
+
 
 def output_dtype(source_dtype: str, cast: str | None) -> str:
     """The stored dtype: floating-point tensors take the cast, others (int buffers) keep theirs."""
@@ -79,20 +85,17 @@ def output_dtype(source_dtype: str, cast: str | None) -> str:
 def _runs(tensors: Sequence[OutputTensor]) -> list[int]:
     """Per tensor, the bytes of the run it starts (0 inside a run): consecutive copied tensors of one
     source file whose offsets stay congruent modulo :data:`PAGE` when written one after another."""
-    starts: list[int] = []
-    for i, tensor in enumerate(tensors):
-        source = tensor.source
-        previous = tensors[i - 1] if i else None
-        joined = (
-            previous is not None and isinstance(source, TensorEntry) and tensor.dtype == source.dtype
-            and isinstance(previous.source, TensorEntry) and previous.dtype == previous.source.dtype
-            and previous.source.file == source.file
-            and (source.start - previous.source.start - previous.nbytes) % PAGE == 0
-        )
-        starts.append(starts[-1] if joined else i)
     sizes = [0] * len(tensors)
-    for i, start in enumerate(starts):
-        sizes[start] += tensors[i].nbytes
+    start: int | None = None  # the index of the current run's first tensor
+    for i, tensor in enumerate(tensors):
+        entry, previous = tensor.copied, tensors[i - 1].copied if i else None
+        if entry is None:  # a cast or computed tensor is in no run
+            start = None
+            continue
+        if (start is None or previous is None or previous.file != entry.file
+                or (entry.start - previous.start - previous.nbytes) % PAGE):
+            start = i  # a new run: the first tensor, or one that does not continue the previous one
+        sizes[start] += tensor.nbytes
     return sizes
 
 
@@ -113,15 +116,15 @@ def layout_shards(tensors: Sequence[OutputTensor], max_shard_size: int) -> list[
     residue: int | None = None  # the current shard's alignment: data start modulo PAGE
     runs = _runs(tensors)
     for tensor, run in zip(tensors, runs, strict=True):
-        source = tensor.source
-        wanted = (source.start - size) % PAGE if isinstance(source, TensorEntry) else None
-        misaligned = run >= ALIGNED_RUN_BYTES and size >= ALIGNED_RUN_BYTES and wanted != residue
+        entry = tensor.copied  # not None wherever run > 0
+        misaligned = (run >= ALIGNED_RUN_BYTES and size >= ALIGNED_RUN_BYTES and entry is not None
+                      and (entry.start - size) % PAGE != residue)
         if not groups or (groups[-1] and (size + tensor.nbytes > max_shard_size or misaligned)):
             groups.append([])
             size = 0
             residue = None
-        if residue is None and run >= ALIGNED_RUN_BYTES:
-            residue = (source.start - size) % PAGE if isinstance(source, TensorEntry) else None
+        if residue is None and run >= ALIGNED_RUN_BYTES and entry is not None:
+            residue = (entry.start - size) % PAGE
         groups[-1].append(tensor)
         size += tensor.nbytes
     if len(groups) == 1:
@@ -141,9 +144,8 @@ def data_residue(tensors: Sequence[OutputTensor]) -> int:
     weight: dict[int, int] = {}
     offset = 0
     for tensor in tensors:
-        source = tensor.source
-        if isinstance(source, TensorEntry) and tensor.dtype == source.dtype:
-            residue = (source.start - offset) % PAGE
+        if (entry := tensor.copied) is not None:
+            residue = (entry.start - offset) % PAGE
             if residue % 8 == 0:
                 weight[residue] = weight.get(residue, 0) + tensor.nbytes
         offset += tensor.nbytes
@@ -230,15 +232,14 @@ def _pieces(tensors: Sequence[OutputTensor]) -> Iterator[tuple[Path, int, int] |
     0.41 s on 1.6 GB (138 tensors); a cast or computed tensor as itself."""
     run: tuple[Path, int, int] | None = None
     for tensor in tensors:
-        source = tensor.source
-        if isinstance(source, TensorEntry) and tensor.dtype == source.dtype:
-            if (run is not None and run[0] == source.file and run[1] + run[2] == source.start
+        if (entry := tensor.copied) is not None:
+            if (run is not None and run[0] == entry.file and run[1] + run[2] == entry.start
                     and run[2] + tensor.nbytes <= _RUN_CALL_BYTES):
                 run = (run[0], run[1], run[2] + tensor.nbytes)
                 continue
             if run is not None:
                 yield run
-            run = (source.file, source.start, tensor.nbytes)
+            run = (entry.file, entry.start, tensor.nbytes)
             continue
         if run is not None:
             yield run

@@ -260,3 +260,18 @@ def test_tensors_stored_back_to_back_are_copied_in_one_call(tiny_model: Callable
     tensors = len(read_tensor_index(tmp_path / "single"))
     assert merged_calls < tensors // 2 and len(calls) - merged_calls == tensors
     assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (tmp_path / "single" / "model.safetensors").read_bytes()
+
+
+def test_only_copied_runs_split_shards_for_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large computed or cast tensor has no source offset to keep: it never starts a shard of its own,
+    where a large copied run off the shard's alignment does."""
+    from exporters.safetensors import ComputedSource, OutputTensor, layout_shards
+    from surgery.checkpoint import TensorEntry
+
+    monkeypatch.setattr("exporters.safetensors.ALIGNED_RUN_BYTES", 1024)
+    first = OutputTensor("a", TensorEntry("a", Path("s.safetensors"), "F32", (1024,), 4096, 8192), "F32")
+    computed = OutputTensor("b", ComputedSource((1000,), lambda: torch.zeros(1000)), "F32")
+    cast = OutputTensor("c", TensorEntry("c", Path("s.safetensors"), "F32", (1000,), 8192, 12192), "BF16")
+    off = OutputTensor("d", TensorEntry("d", Path("s.safetensors"), "F32", (1024,), 12300, 16396), "F32")
+    assert len(layout_shards([first, computed, cast], 10**9)) == 1
+    assert [len(group) for _, group in layout_shards([first, computed, cast, off], 10**9)] == [3, 1]
