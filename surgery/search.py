@@ -396,14 +396,11 @@ class _Scorer:
         self.num_layers = loaded.num_layers
         self.identity = Plan(tuple(range(self.num_layers)), self.num_layers)
         device = input_device(loaded.model)
-        count = int(windows.shape[0])
-        order = screening_order(count, screen_windows)
-        if 0 < screen_windows < count:  # the screening windows fill the first batches, the rest the others
+        parts, self.screen_windows, self.screen_batches = [windows], 0, 0
+        if 0 < screen_windows < int(windows.shape[0]):  # the screening windows fill the first batches
+            order = screening_order(int(windows.shape[0]), screen_windows)
             parts = [windows[order[:screen_windows]], windows[order[screen_windows:]]]
-            self.screen_batches = len(parts[0].split(batch_size))
-        else:
-            parts, self.screen_batches = [windows], 0
-        self.screen_windows = screen_windows if self.screen_batches else 0
+            self.screen_windows, self.screen_batches = screen_windows, len(parts[0].split(batch_size))
         self.batches = [batch.to(device) for part in parts for batch in part.split(batch_size)]
         self.references: list[_NextTokens] = []
         self.scratch = torch.empty(0)
@@ -672,7 +669,7 @@ def _block(scorer: _Scorer, arch: Architecture, to_layers: int, allow_parallel: 
         raise OptionError(f"no contiguous block of {size} layers can be dropped from this model",
                           hint="choose another --to-layers, or --method greedy")
     candidates: list[ScoredCandidate] = []
-    rows = _rank(scorer, progress, 1, [(change, plan, scorer.identity) for change, plan in plans], max(screen, 1),
+    rows = _rank(scorer, progress, 1, [(change, plan, scorer.identity) for change, plan in plans], screen,
                  allow_parallel, candidates)
     return candidates, [(kl, plan) for kl, _, plan, _ in rows]
 
@@ -803,7 +800,7 @@ def search(
     finally:
         progress.bar.close()
     seconds = time.perf_counter() - start
-    screened = (scorer.screen_windows, shortlist) if scorer.screen_windows else (0, 0)
+    screened = scorer.screen_windows  # 0: no screening (a one-pass method, or too few windows)
     del scorer  # the recorded streams: freed before the final measurement
     measurement = compare(
         loaded.model, [Candidate.of_plan(loaded.model, plan)], held, causal=True, batch_size=settings.batch_size,
@@ -815,8 +812,8 @@ def search(
         candidates=candidates, trace=trace, held_out=measurement.comparisons[0], data=texts.name,
         calibration_windows=int(calibration.shape[0]), held_out_windows=int(held.shape[0]),
         seq_len=int(calibration.shape[1]), held_out_share=float(held_share), seconds=seconds,
-        parallel_best=parallel_best, drop_best=drop_best, screen=max(screened[1], beam if screened[0] else 0),
-        screen_windows=screened[0],
+        parallel_best=parallel_best, drop_best=drop_best, screen=max(shortlist, beam) if screened else 0,
+        screen_windows=screened,
     )
 
 
