@@ -156,8 +156,13 @@ for argv in {argvs!r}:
         codes.append(main(argv))
     except SystemExit as exc:
         codes.append(exc.code)
-print(json.dumps({{"codes": codes, "heavy": [m for m in ("torch", "transformers") if m in sys.modules]}}))
+print(json.dumps({{"codes": codes, "heavy": [m for m in {heavy!r} if m in sys.modules]}}))
 """
+
+
+# What the write path never needs: the deep-learning stack, and the Hub client (repocard alone is
+# 0.14 s to import; an output read as a source has a README.md whose license is carried over).
+HEAVY = ("torch", "transformers", "huggingface_hub.repocard", "huggingface_hub.hf_api")
 
 
 def test_write_path_imports_neither_torch_nor_transformers(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
@@ -170,13 +175,14 @@ def test_write_path_imports_neither_torch_nor_transformers(tiny_model: Callable[
         ["reorder", source, str(out / "o"), "--reverse", "0-5", "-q"],
         ["apply", source, str(out / "a"), "--recipe", str(out / "p" / "surgery-recipe.yaml"), "-q"],
         ["inspect", str(out / "p")],
+        ["prune", str(out / "p"), str(out / "q"), "--drop", "0", "-q"],  # a source with a model card
     ]
     result = subprocess.run(
-        [sys.executable, "-c", WRITE_PATH.format(argvs=argvs)], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", WRITE_PATH.format(argvs=argvs, heavy=HEAVY)], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"codes": [0] * len(argvs), "heavy": []}, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["a", "o", "p", "r"]  # the dry run wrote nothing
+    assert sorted(p.name for p in out.iterdir()) == ["a", "o", "p", "q", "r"]  # the dry run wrote nothing
     # The recipe applied again reproduces the prune byte for byte.
     assert read_tree(out / "a") == read_tree(out / "p")

@@ -236,3 +236,35 @@ def test_the_light_metadata_check_agrees_with_validate_card(text: str) -> None:
         return "ok"
 
     assert outcome(lambda: check_card_metadata(text)) == outcome(lambda: validate_card(text))
+
+
+@pytest.mark.parametrize("text", [
+    "---\nlicense: apache-2.0\nlicense_name: x\n---\n# m\n",
+    "\ufeff---\r\nlicense: mit\r\n---\r\ntext",  # a byte-order mark, CRLF
+    "---\nlicense: [unclosed\n---\n",
+    "---\n- a list\n---\n",
+    "---\n\n---\n# empty\n",
+    "# no block\n",
+    "---\nno end of the block\n",
+])
+def test_card_metadata_reads_as_huggingface_hub_metadata_load(text: str, tmp_path: Path) -> None:
+    """license_of reads the source card with card_metadata (no huggingface_hub.repocard import):
+    the same mapping as metadata_load, or a ValueError where it raises."""
+    from huggingface_hub.repocard import metadata_load
+
+    from exporters.card import card_metadata
+
+    path = tmp_path / "README.md"
+    path.write_text(text, encoding="utf-8")
+
+    def outcome(read: Callable[[], object]) -> object:
+        try:
+            return read() or {}
+        except ValueError:  # yaml.YAMLError is not a ValueError: metadata_load lets it through
+            return "refused"
+        except Exception as exc:
+            if type(exc).__module__.startswith("yaml"):
+                return "refused"
+            raise
+
+    assert outcome(lambda: card_metadata(path.read_text(encoding="utf-8-sig"))) == outcome(lambda: metadata_load(path))
