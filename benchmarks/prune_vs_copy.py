@@ -36,7 +36,9 @@ What it measures
     The page cache cannot be dropped without root, so every measurement runs warm: one warm-up
     of each command (the warm-up prune's output is also what ``cp -r`` copies), then ``--repeat``
     rounds of every command, in alternating order, each after ``os.sync()`` so no run pays for
-    the previous one's write-back. Times are medians over the rounds; the ratios are medians of
+    the previous one's write-back, and each write right after removing its own previous output
+    (:func:`fresh`: on a disk mounted with ``discard`` the state of the freed blocks changes the
+    write speed 3-4x). Times are medians over the rounds; the ratios are medians of
     the per-round ratios (paired, so machine noise that hits a whole round cancels). Note that
     ``os.sync()`` flushes every dirty page on the machine, so another job writing to disk during
     the run slows both sides of a ratio. Per-round figures go to stderr.
@@ -79,7 +81,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -306,6 +308,32 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def fresh(out: Path) -> Path:
+    """``out``, with the previous round's output there removed just before a timed write into it.
+
+    Each writer removes its own last output right before it is timed (``measure`` syncs first), so
+    every timed write starts from the same disk state. It matters on a disk mounted with
+    ``discard`` (as this machine's root is): blocks freed and synced a few seconds earlier are
+    trimmed, and writing onto them was measured 3-4x slower (``cp -r`` of 1.6 GB + sync: 0.85-1.0 s
+    right after the removal, 3.4-3.7 s three seconds later); removing an output in one step and
+    writing in another would hand that cost to whichever step came next.
+    """
+    _remove(out)
+    return out
+
+
+def alternating_rounds(repeat: int, steps: dict[str, Callable[[], object]], say: Callable[[str], None],
+                       summary: Callable[[], str]) -> None:
+    """Run every step once per round, for ``repeat`` rounds, in the given order on even rounds and
+    reversed on odd ones (so drift during a round does not favour one side); ``say`` the round's
+    ``summary`` after each."""
+    for round_ in range(repeat):
+        say(f"round {round_ + 1}/{repeat}")
+        for name in list(steps)[:: -1 if round_ % 2 else 1]:
+            steps[name]()
+        say(summary())
+
+
 def output_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file())
 
@@ -410,8 +438,9 @@ def bench_size(gb: float, work: Path, surgery: str, repeat: int, shard_bytes: in
 
     reference = work / f"ref-{gb:g}GB"  # the warm-up prune's output: what cp copies
     prune_out = work / f"prune-{gb:g}GB"
+    warm_out = work / f"warm-{gb:g}GB"
     cp_out = work / f"cp-{gb:g}GB"
-    for d in (reference, prune_out, cp_out):
+    for d in (reference, prune_out, warm_out, cp_out):
         _remove(d)
 
     def prune_cmd(out: Path) -> list[str | os.PathLike[str]]:
@@ -424,18 +453,16 @@ def bench_size(gb: float, work: Path, surgery: str, repeat: int, shard_bytes: in
         return measure([*prune_cmd(prune_out), "--dry-run"])
 
     def warm() -> float:
-        run = measure([sys.executable, "-c", _WARM_PRUNE, source, prune_out, drop])
-        _remove(prune_out)
+        run = measure([sys.executable, "-c", _WARM_PRUNE, source, fresh(warm_out), drop])
         return float(json.loads(run.stdout.strip().splitlines()[-1])["seconds"])
 
     def cp() -> Run:
-        return measure(["cp", "-r", reference, cp_out], flush=True)  # cp_out absent: a copy of the directory
+        return measure(["cp", "-r", reference, fresh(cp_out)], flush=True)  # cp_out absent: a copy of the directory
 
     say("warm-up")
     startup()
     prune(reference)
     cp()
-    _remove(cp_out)
     written = json.loads((reference / "config.json").read_text())["num_hidden_layers"]
     expected = shape.layers - (last - first + 1)
     if written != expected:
@@ -453,34 +480,36 @@ def bench_size(gb: float, work: Path, surgery: str, repeat: int, shard_bytes: in
     prunes: list[Run] = []
     warms: list[float] = []
     cps: list[Run] = []
-    for round_ in range(repeat):
-        say(f"round {round_ + 1}/{repeat}")
-        steps = ["startup", "prune", "warm", "cp", "mergekit"]
-        if round_ % 2:
-            steps.reverse()  # alternate the order so drift during a round does not favour one side
-        for step in steps:
-            if step == "startup":
-                starts.append(startup())
-            elif step == "prune":
-                prunes.append(prune(prune_out))
-                _remove(prune_out)
-            elif step == "warm":
-                warms.append(warm())
-            elif step == "cp":
-                cps.append(cp())
-                _remove(cp_out)
-            elif step == "mergekit" and mk_cmd and mk_runs is not None:
-                try:
-                    mk_runs.append(measure([*mk_cmd, mk_config, mk_out, "--no-copy-tokenizer", "--lazy-unpickle"]))
-                except RuntimeError as exc:
-                    say(f"mergekit failed: {str(exc).splitlines()[0]}")
-                    mk_cmd = None
-                _remove(mk_out)
-        say(
+
+    def run_mergekit() -> None:
+        nonlocal mk_cmd
+        if mk_cmd is None or mk_runs is None:
+            return
+        try:
+            mk_runs.append(measure([*mk_cmd, mk_config, mk_out, "--no-copy-tokenizer", "--lazy-unpickle"]))
+        except RuntimeError as exc:
+            say(f"mergekit failed: {str(exc).splitlines()[0]}")
+            mk_cmd = None
+        _remove(mk_out)
+
+    alternating_rounds(
+        repeat,
+        {
+            "startup": lambda: starts.append(startup()),
+            "prune": lambda: prunes.append(prune(fresh(prune_out))),
+            "warm": lambda: warms.append(warm()),
+            "cp": lambda: cps.append(cp()),
+            "mergekit": run_mergekit,
+        },
+        say,
+        lambda: (
             f"  startup {starts[-1].seconds:.2f} s, prune {prunes[-1].seconds:.2f} s "
             f"(+ sync {_flushed(prunes[-1]):.2f} s, {prunes[-1].peak_rss / MB:.0f} MB), in-process {warms[-1]:.2f} s, "
             f"cp -r {cps[-1].seconds:.2f} s (+ sync {_flushed(cps[-1]):.2f} s)"
-        )
+        ),
+    )
+    for d in (prune_out, warm_out, cp_out):
+        _remove(d)
     return SizeResult(
         label=label,
         source_bytes=source_bytes,
@@ -542,7 +571,7 @@ def bench_default_model(work: Path, surgery: str, repeat: int, log: bool) -> Def
         return measure([surgery, "prune", out, "--drop", DEFAULT_DROP, "-q"], flush=True)
 
     def cp() -> Run:
-        return measure(["cp", "-r", reference, cp_out], flush=True)
+        return measure(["cp", "-r", reference, fresh(cp_out)], flush=True)
 
     say("warm-up (converts the default model once if ~/.cache/layer-surgery does not hold it yet)")
     try:
@@ -555,35 +584,30 @@ def bench_default_model(work: Path, surgery: str, repeat: int, log: bool) -> Def
     help_()
     dry_run()
     cp()
-    _remove(cp_out)
     output_bytes = sum(p.stat().st_size for p in output_files(reference))
 
     helps: list[Run] = []
     dries: list[Run] = []
     prunes: list[Run] = []
     cps: list[Run] = []
-    for round_ in range(repeat):
-        say(f"round {round_ + 1}/{repeat}")
-        steps = ["help", "dry-run", "prune", "cp"]
-        if round_ % 2:
-            steps.reverse()  # alternate the order so drift during a round does not favour one side
-        for step in steps:
-            if step == "help":
-                helps.append(help_())
-            elif step == "dry-run":
-                dries.append(dry_run())
-            elif step == "prune":
-                prunes.append(prune(prune_out))
-                _remove(prune_out)
-            elif step == "cp":
-                cps.append(cp())
-                _remove(cp_out)
-        say(
+    alternating_rounds(
+        repeat,
+        {
+            "help": lambda: helps.append(help_()),
+            "dry-run": lambda: dries.append(dry_run()),
+            "prune": lambda: prunes.append(prune(fresh(prune_out))),
+            "cp": lambda: cps.append(cp()),
+        },
+        say,
+        lambda: (
             f"  --help {helps[-1].seconds:.3f} s ({helps[-1].peak_rss / MB:.0f} MB), "
             f"dry run {dries[-1].seconds:.3f} s ({dries[-1].peak_rss / MB:.0f} MB), "
             f"prune + sync {_flushed(prunes[-1]):.2f} s ({prunes[-1].peak_rss / MB:.0f} MB), "
             f"cp -r + sync {_flushed(cps[-1]):.2f} s"
-        )
+        ),
+    )
+    for d in (prune_out, cp_out):
+        _remove(d)
     return DefaultResult(output_bytes=output_bytes, help=helps, dry_run=dries, prune=prunes, cp=cps)
 
 
