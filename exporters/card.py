@@ -454,16 +454,12 @@ def validate_card(text_or_path: str | Path, *, origin: str | None = None) -> Mod
     else:
         text = text_or_path
     origin = origin or CARD_FILENAME
-    if not text.startswith("---"):
-        raise ModelCardError(origin, "has no YAML metadata block at the top")
+    check_card_metadata(text, origin=origin)  # the one set of checks and messages
     try:
-        card = ModelCard(text)
-    except Exception as exc:  # yaml.YAMLError, ValueError: any parse failure is a bad card
+        return ModelCard(text)
+    except Exception as exc:  # what the light check cannot see (it parses as ModelCard does, so rare)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelCardError(origin, f"does not parse as a model card ({first})") from None
-    if not card.data.to_dict():
-        raise ModelCardError(origin, "has an empty YAML metadata block")
-    return card
 
 
 def _replace_section(text: str, markers: tuple[str, str], body: str, heading: str) -> str:

@@ -223,19 +223,32 @@ def test_gguf_general_strings_equal_the_gguf_readers() -> None:
     "---\nno end of the block\n",
     "---\nmodel-index: 3\n---\n",
 ])
-def test_the_light_metadata_check_agrees_with_validate_card(text: str) -> None:
-    """The check every write runs (no huggingface_hub.repocard import) accepts and refuses what
-    validate_card (huggingface_hub.ModelCard) does, with the same message."""
+def test_the_light_metadata_check_agrees_with_huggingface_hub_model_card(text: str) -> None:
+    """The check every write runs (no huggingface_hub.repocard import; validate_card runs it too)
+    refuses exactly the cards huggingface_hub.ModelCard cannot parse, has no block at the top of, or
+    reads as empty metadata; and validate_card says the same."""
+    from huggingface_hub import ModelCard
+
     from exporters.card import check_card_metadata
 
-    def outcome(check: Callable[[], object]) -> str:
+    def hub_refuses() -> bool:
+        if not text.startswith("---"):
+            return True
+        try:
+            return not ModelCard(text).data.to_dict()
+        except Exception:
+            return True
+
+    def refused(check: Callable[[], object]) -> str | None:
         try:
             check()
         except ModelCardError as exc:
             return str(exc)
-        return "ok"
+        return None
 
-    assert outcome(lambda: check_card_metadata(text)) == outcome(lambda: validate_card(text))
+    light = refused(lambda: check_card_metadata(text))
+    assert (light is not None) == hub_refuses()
+    assert refused(lambda: validate_card(text)) == light
 
 
 @pytest.mark.parametrize("text", [
