@@ -72,6 +72,27 @@ class _Walker:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
+    def skip_strings(self, count: int, key: str) -> None:
+        """Skip ``count`` strings (u64 length + bytes), each bounded by the bytes left in the file.
+
+        The same checks as ``string`` per item, in one tight loop: a 49k-token vocabulary and its
+        merges are ~100k items, which the general ``unpack``/``need`` calls took ~0.2 s to walk
+        (half of a whole SmolLM2 prune); this loop takes milliseconds.
+        """
+        unpack = struct.Struct(self.order + "Q").unpack_from
+        data, size, offset = self.data, self.size, self.offset
+        for _ in range(count):
+            if offset + 8 > size:
+                self.offset = offset
+                self.need(8, f"the length of an item of {key!r}")
+            (length,) = unpack(data, offset)
+            offset += 8
+            if length > size - offset:
+                self.offset = offset
+                self.need(length, f"an item of {key!r}")
+            offset += length
+        self.offset = offset
+
     def value(self, kind: int, key: str, depth: int = 0) -> int | str | None:
         """Skip one value of ``kind``; returns it when it is a u32 (``general.alignment``) or a string."""
         if kind in _SCALAR_SIZES:
@@ -97,10 +118,7 @@ class _Walker:
         # Every string or array item takes at least 8 bytes (its length): bound the count first.
         self.need(count * 8, f"the {count:,} items of {key!r}")
         if item == _STRING:  # a vocabulary: bounds-checked and skipped, not decoded (the reader decodes what it uses)
-            for _ in range(count):
-                length = self.unpack("Q", f"the length of an item of {key!r}")
-                self.need(length, f"an item of {key!r}")
-                self.offset += length
+            self.skip_strings(count, key)
             return None
         for _ in range(count):
             self.value(item, key, depth + 1)

@@ -41,7 +41,7 @@ from surgery.errors import (
     RecipeError,
     SurgeryError,
 )
-from surgery.gguf_header import check_gguf
+from surgery.gguf_header import check_gguf, gguf_strings
 from surgery.plan import MAX_POSITIONS, ParallelGroup, Plan, Recipe, parse_ranges, parse_steps
 from tests.helpers import assert_one_line_error, run_cli
 from tests.tiny_text import readable
@@ -511,6 +511,8 @@ def gguf_file(
         pytest.param({"kvs": [_gs(b"tokens") + struct.pack("<IIQ", 9, 0, 2**60)]}, "the 1,152,921,504,606,846,976 items of 'tokens'",
                      id="array-count"),
         pytest.param({"kvs": [_gs(b"tokens") + struct.pack("<IIQ", 9, 8, 2**40)]}, "items of 'tokens' needs", id="string-array-count"),
+        pytest.param({"kvs": [_gs(b"tokens") + struct.pack("<IIQ", 9, 8, 2) + _gs(b"ab") + struct.pack("<Q", 2**50)]},
+                     "an item of 'tokens' needs 1,125,899,906,842,624 bytes", id="string-array-item-length"),
         pytest.param({"kvs": [_gs(b"x") + struct.pack("<II", 99, 0)]}, "key 'x' has unknown value type 99", id="value-type"),
         pytest.param({"kvs": [_kv_u32(b"general.alignment", 3)]}, "general.alignment must be a u32 power of two", id="alignment"),
         pytest.param({"kvs": [_kv_u32(b"a", 1), _kv_u32(b"a", 2)]}, "the key 'a' appears twice", id="duplicate-key"),
@@ -534,6 +536,14 @@ def test_valid_gguf_header_passes_the_check(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="shorter than a GGUF header"):
         (tmp_path / "short.gguf").write_bytes(b"GGUF")
         check_gguf(tmp_path / "short.gguf")
+
+
+def test_gguf_strings_reads_the_keys_after_a_string_array(tmp_path: Path) -> None:
+    # The vocabulary is skipped item by item: each item's length must move the walk exactly past it.
+    vocab = _gs(b"tokens") + struct.pack("<IIQ", 9, 8, 3) + _gs(b"a") + _gs(b"") + _gs("\u00e9t\u00e9".encode())
+    path = gguf_file(tmp_path / "m.gguf", kvs=[_kv_str(b"general.name", b"x"), vocab, _kv_str(b"general.license", b"mit")])
+    check_gguf(path)
+    assert gguf_strings(path) == {"general.name": "x", "general.license": "mit"}
 
 
 def test_gguf_with_a_huge_array_is_one_line_and_never_hangs(
