@@ -151,7 +151,8 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     if args.to_layers is None:
         given = [flag for flag, value in (("--method", args.method), ("--beam", args.beam), ("--block-by", args.block_by),
                                           ("--screen", args.screen), ("--screen-tokens", args.screen_tokens),
-                                          ("--held-out", args.held_out), ("--eval-tokens", args.eval_tokens))
+                                          ("--held-out", args.held_out), ("--eval-tokens", args.eval_tokens),
+                                          ("--lazy", args.lazy))
                  if value is not None] + (["--allow-parallel"] if args.allow_parallel else [])
         if given:
             raise OptionError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --to-layers")
@@ -159,7 +160,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         return
     # --data and the measuring options choose the search's text and windows (and, with --validate, its text too).
     search: dict[str, Any] = {key: getattr(args, key) for key in ("data", "held_out", "eval_tokens", "screen_tokens",
-                                                                  *_WRITING_MEASURE)
+                                                                  "lazy", *_WRITING_MEASURE)
                               if key not in ("prompts", "new_tokens") and getattr(args, key) is not None}
     options = _options(args)
     if not args.validate:
@@ -444,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "candidate on all of it)")
     found.add_argument("--screen-tokens", type=int, metavar="T",
                        help="calibration tokens of the screening, spread over the budget (default 1024)")
+    found.add_argument("--lazy", action="store_true", default=None,
+                       help="with greedy: from the second step on, screen only the candidates whose cost one step "
+                            "earlier does not rule them out (lazy greedy: much faster with --allow-parallel; a change "
+                            "whose cost shrinks can be missed)")
     found.add_argument("--held-out", type=float, metavar="SHARE",
                        help="share of the text, from its end, kept for measuring the chosen plan (default 0.1)")
     found.add_argument("--eval-tokens", type=int, help="most held-out tokens measured (default 4096)")

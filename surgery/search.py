@@ -78,6 +78,8 @@ class SearchOptions(MeasureOptions, total=False):
     max_tokens: the calibration budget (default 4096 tokens), drawn from the rest of the text.
     screen_tokens: greedy and measured block: the share of the calibration budget every candidate is
     first scored on (default 1024 tokens, windows spread over the budget); see ``screen`` of :func:`search`.
+    lazy: greedy with screening: from the second step on, screen only the candidates whose last
+    measured cost does not rule them out (:class:`_Lazy`; default False: screen every candidate).
     Every other key: as :class:`~surgery.loading.MeasureOptions` (``prompts`` and ``new_tokens`` unused).
     """
 
@@ -85,6 +87,7 @@ class SearchOptions(MeasureOptions, total=False):
     held_out: float
     eval_tokens: int
     screen_tokens: int
+    lazy: bool
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -160,6 +163,8 @@ class SearchReport:
         screen: candidates per step scored on all the calibration windows after the screening (0: no
             screening, every candidate scored on all of them).
         screen_windows: the windows every candidate was first scored on (0: no screening).
+        lazy: lazy screening (``lazy`` of :class:`SearchOptions`): candidates whose last measured cost
+            ruled them out were not screened (their ``screen_kl`` is None).
     """
 
     model: str
@@ -184,6 +189,12 @@ class SearchReport:
     drop_best: float | None = None
     screen: int = 0
     screen_windows: int = 0
+    lazy: bool = False
+
+    @property
+    def screened(self) -> int:
+        """Candidates scored on the screening windows."""
+        return sum(1 for c in self.candidates if c.screen_kl is not None)
 
     @property
     def dropped(self) -> list[int]:
@@ -210,8 +221,8 @@ class SearchReport:
             f"{self.source_layers} -> {self.to_layers} layers, {len(self.candidates)} candidates in {self.seconds:.1f} s",
             f"text      {self.data}: calibration {_windows(self.calibration_windows)}, held out "
             f"{_windows(self.held_out_windows)} (the last {self.held_out_share:.0%}), {self.seq_len} tokens each",
-            *([f"screening every candidate on {_windows(self.screen_windows)}, the best {self.screen} of each step "
-               f"on all {self.calibration_windows}"] if self.screen_windows else []),
+            *([f"screening {'lazily, ' if self.lazy else ''}{self._screened_text()} on {_windows(self.screen_windows)}, "
+               f"the best {self.screen} of each step on all {self.calibration_windows}"] if self.screen_windows else []),
             f"{'step':>4}  {'layers':>6}  {'change':<16}{'calib. KL':>10}  plan",
         ]
         for row in self.trace:
@@ -232,6 +243,11 @@ class SearchReport:
                          f"without {best_drop})")
         return "\n".join(lines)
 
+    def _screened_text(self) -> str:
+        if not self.lazy:
+            return "every candidate"
+        return f"{self.screened} of {len(self.candidates)} candidates"
+
     def to_dict(self) -> dict[str, Any]:
         """The ``search`` member of ``surgery prune --to-layers N --json``."""
         c = self.held_out
@@ -240,7 +256,8 @@ class SearchReport:
             "allow_parallel": self.allow_parallel, "source_layers": self.source_layers, "to_layers": self.to_layers,
             "plan": str(self.plan), "dropped": self.dropped, "groups": [str(g) for g in self.plan.groups],
             "calibration": {"windows": self.calibration_windows, "seq_len": self.seq_len, "kl": self.calibration_kl},
-            "screening": None if not self.screen_windows else {"windows": self.screen_windows, "rescored": self.screen},
+            "screening": None if not self.screen_windows else {"windows": self.screen_windows, "rescored": self.screen,
+                                                               "lazy": self.lazy, "screened": self.screened},
             "held_out": {"windows": self.held_out_windows, "seq_len": self.seq_len, "share": self.held_out_share,
                          "kl": c.kl, "top1": c.top1, "ppl_original": c.ppl_original, "ppl_new": c.ppl_new,
                          "tokens": c.tokens},
@@ -579,19 +596,89 @@ def _allowed(arch: Architecture, plan: Plan) -> bool:
 Row = tuple[float, str, Plan, str]  # (kl, the plan as text, plan, change)
 
 
-def _rank(scorer: _Scorer, progress: _Progress, step: int, entries: list[tuple[str, Plan, Plan]], shortlist: int,
-          plain_too: bool, candidates: list[ScoredCandidate]) -> list[Row]:
+Entry = tuple[str, Plan, Plan]  # (change, plan, the plan it extends)
+
+
+class _Lazy:
+    """Lazy screening across greedy steps (Minoux's lazy greedy, on the screening KL).
+
+    A change (``drop 14``, ``merge [12-13]``) costs about as much one step later as it did when it
+    was last screened: its *increment*, the screening KL of the plan it makes minus that of the plan it
+    extends. Each step, every entry gets a bound, the base's screening KL plus the change's last
+    increment (unknown: minus infinity), and entries are taken from a heap lowest bound first: a
+    stale entry is screened and pushed back with its fresh KL; a fresh entry at the top is taken.
+    When an increment never shrinks from one step to the next (removing layers compounds), the
+    shortlist equals the one screening every entry gives; when one shrinks, that change can be missed
+    (the price of the speed). Only entries whose bound reaches the shortlist are screened.
+    """
+
+    def __init__(self, identity: Plan) -> None:
+        self.increments: dict[str, float] = {}  # change -> its increment when last screened
+        self.base_kl: dict[str, float] = {str(identity): 0.0}  # plan -> its screening KL
+        self.screened = 0
+        self.skipped = 0
+        self.last: dict[str, float] = {}  # the latest step's screening KLs
+
+    def shortlist(self, scorer: _Scorer, progress: _Progress, entries: list[Entry], shortlist: int, plain_too: bool,
+                  screen_kl: dict[str, float]) -> list[Entry]:
+        """The ``shortlist`` entries of lowest screening KL (and, ``plain_too``, the ``shortlist`` lowest
+        without a group), screening only what the bounds do not rule out; fills ``screen_kl``."""
+        import heapq
+
+        heap: list[tuple[float, bool, str, int]] = []
+        for index, (change, plan, base) in enumerate(entries):
+            base_kl = self.base_kl.get(str(base))
+            increment = self.increments.get(change) if base_kl is not None else None
+            heap.append((float("-inf") if increment is None or base_kl is None else base_kl + increment,
+                         False, str(plan), index))
+        heapq.heapify(heap)
+        self.last = screen_kl
+        best: list[Entry] = []
+        plain = 0
+        while heap and (len(best) < shortlist or (plain_too and plain < shortlist)):
+            bound, fresh, text, index = heapq.heappop(heap)
+            change, plan, base = entries[index]
+            if not fresh:
+                scorer.base(base)
+                screen_kl[text] = kl = scorer.kl(base, plan, screening=True)
+                progress.screened()
+                self.screened += 1
+                base_kl = self.base_kl.get(str(base))
+                if base_kl is not None:
+                    self.increments[change] = kl - base_kl
+                heapq.heappush(heap, (kl, True, text, index))
+                continue
+            if len(best) < shortlist or not plan.groups:  # past the shortlist, only plain plans are still wanted
+                best.append(entries[index])
+                plain += not plan.groups
+        self.skipped += len(entries) - sum(1 for _, plan, _ in entries if str(plan) in screen_kl)
+        return best
+
+    def kept(self, plans: list[Plan]) -> None:
+        """Remember the screening KL of the plans the next step extends (from the latest step)."""
+        for plan in plans:
+            if str(plan) in self.last:
+                self.base_kl[str(plan)] = self.last[str(plan)]
+
+
+def _rank(scorer: _Scorer, progress: _Progress, step: int, entries: list[Entry], shortlist: int,
+          plain_too: bool, candidates: list[ScoredCandidate], lazy: _Lazy | None = None) -> list[Row]:
     """Score ``entries`` (change, plan, the plan it extends) and append them to ``candidates``; returns
     the rows scored on all the calibration windows, lowest KL first.
 
     With screening (and more entries than ``shortlist``), every entry is first scored on the
     screening windows, and only the ``shortlist`` best of those (and, ``plain_too``, the best
-    ``shortlist`` without a parallel group) on all the windows.
+    ``shortlist`` without a parallel group) on all the windows; with ``lazy``, only the entries
+    :class:`_Lazy` cannot rule out are screened.
     """
     progress.expect(len(entries))
     screen_kl: dict[str, float] = {}
     chosen = entries
-    if scorer.screen_batches and len(entries) > shortlist:
+    if scorer.screen_batches and len(entries) > shortlist and lazy is not None:
+        best = lazy.shortlist(scorer, progress, entries, shortlist, plain_too, screen_kl)
+        chosen = [entry for entry in entries if entry in best]  # in search order
+        progress.expect(len(chosen) - (len(entries) - len(screen_kl)))  # the unscreened ones never run
+    elif scorer.screen_batches and len(entries) > shortlist:
         for _, plan, base in entries:
             scorer.base(base)
             screen_kl[str(plan)] = scorer.kl(base, plan, screening=True)
@@ -617,10 +704,12 @@ def _rank(scorer: _Scorer, progress: _Progress, step: int, entries: list[tuple[s
 
 
 def _greedy(scorer: _Scorer, arch: Architecture, to_layers: int, beam: int, allow_parallel: bool, screen: int,
-            progress: _Progress) -> tuple[list[ScoredCandidate], list[ScoredCandidate], list[tuple[float, Plan]]]:
+            progress: _Progress, lazy: _Lazy | None = None,
+            ) -> tuple[list[ScoredCandidate], list[ScoredCandidate], list[tuple[float, Plan]]]:
     """Remove one layer per step, keeping the ``beam`` lowest-KL plans (with screening, among the
-    ``max(screen, beam)`` best on the screening windows); returns the candidates, the trace and the final
-    step's ``(kl, plan)`` sorted."""
+    ``max(screen, beam)`` best on the screening windows; ``lazy``: screening only what
+    :class:`_Lazy` cannot rule out); returns the candidates, the trace and the final step's
+    ``(kl, plan)`` sorted."""
     kept: list[Plan] = [scorer.identity]
     candidates: list[ScoredCandidate] = []
     trace: list[ScoredCandidate] = []
@@ -635,10 +724,12 @@ def _greedy(scorer: _Scorer, arch: Architecture, to_layers: int, beam: int, allo
             raise OptionError(f"no plan of {len(kept[0]) - 1} layers can be reached from {kept[0]} on this model",
                               hint="choose another --to-layers or --method")
         entries = [entry for base in kept for entry in seen.values() if entry[2] is base]  # one base at a time
-        scored = _rank(scorer, progress, step, entries, max(screen, beam), allow_parallel, candidates)
+        scored = _rank(scorer, progress, step, entries, max(screen, beam), allow_parallel, candidates, lazy)
         kept = [plan for _, _, plan, _ in scored[:beam]]
         if allow_parallel:  # the best plain plans stay too: their line is the search without groups, to compare
             kept += [plan for _, _, plan, _ in [row for row in scored if not row[2].groups][:beam] if plan not in kept]
+        if lazy is not None:
+            lazy.kept(kept)
         best_kl, best_text, best_plan, best_change = scored[0]
         trace.append(ScoredCandidate(step, best_change, best_text, len(best_plan), best_kl))
         ranked = [(kl, plan) for kl, _, plan, _ in scored]
@@ -747,7 +838,7 @@ def search(
     from surgery.view import live_architecture
 
     measure: dict[str, Any] = {"max_tokens": CALIBRATION_TOKENS, "prompts": 0}
-    own = ("data", "held_out", "eval_tokens", "screen_tokens")
+    own = ("data", "held_out", "eval_tokens", "screen_tokens", "lazy")
     measure.update({k: v for k, v in options.items() if k not in own and v is not None})
     settings = Settings.from_options(measure)  # type: ignore[arg-type]  # the keys of MeasureOptions
     held_share = options.get("held_out", 0.1)
@@ -759,6 +850,11 @@ def search(
     screen_tokens = options.get("screen_tokens", SCREEN_TOKENS)
     if isinstance(screen_tokens, bool) or not isinstance(screen_tokens, int) or screen_tokens < 1:
         raise OptionError(f"screen-tokens must be a whole number of at least 1, got {screen_tokens!r}")
+    lazy = options.get("lazy") or False
+    if not isinstance(lazy, bool):
+        raise OptionError(f"lazy must be True or False, got {lazy!r}")
+    if lazy and (method != "greedy" or screen == 0):
+        raise OptionError("--lazy applies to --method greedy with screening (not --screen 0)")
     texts = read_texts(options.get("data"), text_field=settings.text_field)
     loaded = load_model(model, settings)
     check_target(to_layers, loaded.num_layers, method, beam=beam, block_by=block_by, allow_parallel=allow_parallel,
@@ -779,7 +875,9 @@ def search(
         if method == "greedy" or (method == "block" and block_by == "measured"):
             scorer = _Scorer(loaded, arch, calibration, settings.batch_size, screen_windows)
             if method == "greedy":
-                candidates, trace, ranked = _greedy(scorer, arch, to_layers, beam, allow_parallel, shortlist, progress)
+                lazy_state = _Lazy(scorer.identity) if lazy else None
+                candidates, trace, ranked = _greedy(scorer, arch, to_layers, beam, allow_parallel, shortlist, progress,
+                                                    lazy_state)
             else:
                 candidates, ranked = _block(scorer, arch, to_layers, allow_parallel, shortlist, progress)
                 trace = [next(c for c in candidates if c.plan == str(ranked[0][1]))]
@@ -813,7 +911,7 @@ def search(
         calibration_windows=int(calibration.shape[0]), held_out_windows=int(held.shape[0]),
         seq_len=int(calibration.shape[1]), held_out_share=float(held_share), seconds=seconds,
         parallel_best=parallel_best, drop_best=drop_best, screen=max(shortlist, beam) if screened else 0,
-        screen_windows=screened,
+        screen_windows=screened, lazy=lazy and bool(screened),
     )
 
 

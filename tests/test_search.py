@@ -189,7 +189,8 @@ def test_screening_scores_every_candidate_on_its_windows_and_the_best_on_all(
     report = search(path, N, method=method, screen=2, data=text_file, **SCREENED)
     assert (report.screen, report.screen_windows, report.calibration_windows) == (2, 2, 8)
     assert "screening every candidate on 2 windows, the best 2 of each step on all 8" in report.format()
-    assert report.to_dict()["screening"] == {"windows": 2, "rescored": 2}
+    assert report.to_dict()["screening"] == {"windows": 2, "rescored": 2, "lazy": False,
+                                             "screened": sum(c.screen_kl is not None for c in report.candidates)}
     for step in sorted({c.step for c in report.candidates}):
         rows = [c for c in report.candidates if c.step == step]
         for row in rows:
@@ -213,6 +214,93 @@ def test_screening_scores_every_candidate_on_its_windows_and_the_best_on_all(
         same = next((c for c in plain.candidates if c.plan == row.plan and c.step == row.step), None)
         if row.kl is not None and same is not None and same.kl is not None:
             assert row.kl == pytest.approx(same.kl, rel=1e-5)
+
+
+class _FakeScorer:
+    """Screening KLs from a table (``{plan text: kl}``); counts what was screened."""
+
+    def __init__(self, kls: dict[str, float]) -> None:
+        self.kls = kls
+        self.asked: list[str] = []
+
+    def base(self, plan: Plan) -> None:
+        pass
+
+    def kl(self, base: Plan, candidate: Plan, *, screening: bool = False) -> float:
+        assert screening
+        self.asked.append(str(candidate))
+        return self.kls[str(candidate)]
+
+
+class _Silent:
+    def screened(self) -> None:
+        pass
+
+
+def _lazy_steps(costs: list[dict[int, float]], shortlist: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """Greedy drops over layers 0..5 of a 6-layer plan, where dropping layer i at step t adds
+    ``costs[t][i]`` to the base's screening KL: the lazy shortlists, the eager ones, and the lazy screenings."""
+    from surgery.search import _Lazy
+
+    base = Plan(tuple(range(6)), 6)
+    lazy, lazy_lists, eager_lists, screened = _Lazy(base), [], [], 0
+    base_kl = 0.0
+    for cost in costs:
+        entries = [(f"drop {i}", Plan(tuple(x for x in base.layers if x != i), 6), base)
+                   for i in base.layers if isinstance(i, int)]
+        kls = {str(plan): base_kl + cost[int(change.split()[1])] for change, plan, _ in entries}
+        scorer = _FakeScorer(kls)
+        best = lazy.shortlist(scorer, _Silent(), entries, shortlist, False, {})  # type: ignore[arg-type]
+        screened += len(scorer.asked)
+        lazy_lists.append([int(change.split()[1]) for change, _, _ in best])
+        eager = sorted(entries, key=lambda e: (kls[str(e[1])], str(e[1])))[:shortlist]
+        eager_lists.append([int(change.split()[1]) for change, _, _ in eager])
+        chosen = best[0][1]
+        lazy.kept([chosen])
+        base, base_kl = chosen, kls[str(chosen)]
+    return lazy_lists, eager_lists, screened
+
+
+def test_lazy_screening_equals_screening_everything_when_costs_only_grow() -> None:
+    # Step by step every remaining layer costs a little more than it did before (removals compound).
+    first = {0: 0.9, 1: 0.10, 2: 0.30, 3: 0.20, 4: 0.50, 5: 0.8}
+    costs = [{i: c * (1 + 0.1 * t) + 0.01 * t for i, c in first.items()} for t in range(3)]
+    lazy, eager, screened = _lazy_steps(costs, shortlist=2)
+    assert lazy == eager == [[1, 3], [3, 2], [2, 4]]
+    assert screened < 6 + 5 + 4  # the stale bounds ruled some out after the first step
+    assert screened >= 6 + 2 + 2  # the first step screens all; later steps at least their shortlist
+
+
+def test_lazy_screening_can_miss_a_change_whose_cost_shrinks() -> None:
+    # Layer 5 is expensive first and then nearly free (it only mattered together with layer 1): the
+    # stale bound keeps it from being screened; screening everything finds it. The price of the speed.
+    costs = [{0: 0.9, 1: 0.10, 2: 0.30, 3: 0.20, 4: 0.50, 5: 0.8},
+             {0: 0.9, 1: 0.10, 2: 0.30, 3: 0.20, 4: 0.50, 5: 0.01}]
+    lazy, eager, _ = _lazy_steps(costs, shortlist=1)
+    assert eager[1] == [5] and lazy[1] == [3]
+
+
+def test_lazy_search_screens_fewer_and_scores_what_it_screens_exactly(
+    readable_tiny: Callable[[str], Path], text_file: Path
+) -> None:
+    path = readable_tiny("llama")
+    eager = search(path, 2, method="greedy", screen=2, data=text_file, allow_parallel=True, **SCREENED)
+    lazy = search(path, 2, method="greedy", screen=2, data=text_file, allow_parallel=True, **{**SCREENED, "lazy": True})
+    assert lazy.lazy and not eager.lazy
+    assert lazy.screened < eager.screened == sum(c.screen_kl is not None for c in eager.candidates)
+    assert f"screening lazily, {lazy.screened} of {len(lazy.candidates)} candidates on 2 windows" in lazy.format()
+    assert lazy.to_dict()["screening"]["lazy"] is True
+    eager_rows = {(c.step, c.plan): c for c in eager.candidates}
+    for row in lazy.candidates:  # a screened or scored candidate: the same KLs as the eager search's
+        same = eager_rows[(row.step, row.plan)]
+        if row.screen_kl is not None:
+            assert row.screen_kl == pytest.approx(same.screen_kl, rel=1e-5)
+        if row.kl is not None and same.kl is not None:
+            assert row.kl == pytest.approx(same.kl, rel=1e-5)
+    assert str(lazy.plan) == str(eager.plan)  # on this model the stale bounds rule out nothing that wins
+    for bad in [{"method": "block"}, {"screen": 0}]:
+        with pytest.raises(OptionError, match="--lazy applies to --method greedy"):
+            search(path, 2, data=text_file, **{"method": "greedy", **bad}, **{**SCREENED, "lazy": True})
 
 
 def test_the_held_out_windows_are_the_end_of_the_text_and_never_calibrate(
