@@ -387,6 +387,9 @@ def test_cli_dry_run_and_json(readable_tiny: Callable[[str], Path], text_file: P
     (["--to-layers", "3", "--screen", "-1"], "--screen must be"),
     (["--to-layers", "3", "--screen-tokens", "0"], "screen-tokens must be"),
     (["--to-layers", "3", "--held-out", "1.5"], "held-out"),
+    (["--drop", "3", "--lazy"], "--eval-tokens, --lazy apply only with --to-layers"),
+    (["--to-layers", "3", "--lazy", "--screen", "0"], "--lazy applies to --method greedy with screening"),
+    (["--to-layers", "3", "--lazy", "--method", "block"], "--lazy applies to --method greedy with screening"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(
     readable_tiny: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
