@@ -437,6 +437,9 @@ def _first_interrupt_stops() -> Iterator[dict[str, bool]]:
     except ValueError:  # not the main thread: no handler can be installed
         yield flag
         return
+    if previous == signal.SIG_IGN:  # started with Ctrl-C ignored (a background job, nohup): keep ignoring it
+        yield flag
+        return
 
     def handler(signum: int, frame: object) -> None:
         if flag["stop"]:

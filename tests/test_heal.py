@@ -334,12 +334,30 @@ def test_other_tokenizer_and_empty_text(readable_tiny: Callable[..., Path], prun
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_first_ctrl_c_stops_training_second_aborts() -> None:
-    with _first_interrupt_stops() as flag:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert flag["stop"]
-        with pytest.raises(KeyboardInterrupt):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever pytest inherited
+    try:
+        with _first_interrupt_stops() as flag:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert flag["stop"]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_an_ignored_ctrl_c_stays_ignored() -> None:
+    """A process started with SIGINT ignored (a background job, nohup) keeps ignoring it during training."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _first_interrupt_stops() as flag:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not flag["stop"]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.real
