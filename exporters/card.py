@@ -242,15 +242,13 @@ def build_card(directory: Path, result: SurgeryResult, source: Source) -> str:
     Returns:
         The README.md text; it parses with ``huggingface_hub.ModelCard``.
     """
-    from huggingface_hub import ModelCardData
-
     plan = result.recipe.plan
     arch = result.architecture
     base = base_model_of(source)
     on_hub = bool(_REPO_ID.match(base))  # a path's name has no '/': only known repo ids match
     operations = list(plan.operations)
     licenses = license_of(source)
-    data = ModelCardData(
+    metadata = card_metadata_fields(
         base_model=base,
         # The Hub's relations are adapter, merge, quantized and finetune; only a merge of layers
         # describes a layer rewrite, so dropping, repeating and reordering leave it unset.
@@ -325,9 +323,46 @@ def build_card(directory: Path, result: SurgeryResult, source: Source) -> str:
         "into a new checkpoint; the recipe above rebuilds it.",
         "",
     ]
-    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    check_card_metadata(text, origin=str(directory / CARD_FILENAME))
+    text = f"---\n{metadata_yaml(metadata)}\n---\n\n" + "\n".join(lines)
+    try:  # the block reads back as what was meant (a bug otherwise, reported rather than uploaded)
+        read_back = card_metadata(text)
+    except ValueError as exc:
+        raise ModelCardError(str(directory / CARD_FILENAME), f"does not parse as a model card ({exc})") from None
+    if read_back != metadata:
+        raise ModelCardError(str(directory / CARD_FILENAME), "its metadata does not read back as written")
     return text
+
+
+# The order of ``huggingface_hub.ModelCardData``'s named fields: its ``to_yaml`` writes them in this order,
+# then any other key in the order given.
+_CARD_FIELD_ORDER = ("base_model", "datasets", "eval_results", "language", "library_name", "license", "license_name",
+                     "license_link", "metrics", "model_name", "pipeline_tag", "tags")
+
+
+def card_metadata_fields(**fields: Any) -> dict[str, Any]:
+    """The metadata ``huggingface_hub.ModelCardData(**fields).to_dict()`` gives, for the plain fields
+    a surgery card holds (no ``eval_results``): its field order, ``None`` dropped, tags de-duplicated
+    in order; built without importing ``huggingface_hub`` (17 ms of every write). A test checks it
+    against ``ModelCardData`` itself.
+
+    Example:
+        >>> card_metadata_fields(tags=["a", "b", "a"], library_name="transformers", license=None)
+        {'library_name': 'transformers', 'tags': ['a', 'b']}
+    """
+    if "eval_results" in fields or "model-index" in fields:
+        raise ValueError("eval results go through huggingface_hub.ModelCardData")
+    tags = fields.get("tags")
+    if tags is not None:
+        fields["tags"] = list(dict.fromkeys([tags] if isinstance(tags, str) else tags))
+    ordered = [*(key for key in _CARD_FIELD_ORDER if key in fields), *(key for key in fields if key not in _CARD_FIELD_ORDER)]
+    return {key: fields[key] for key in ordered if fields[key] is not None}
+
+
+def metadata_yaml(metadata: Mapping[str, Any]) -> str:
+    """The YAML block of a card's metadata, dumped as ``ModelCardData.to_yaml`` dumps it."""
+    import yaml
+
+    return str(yaml.dump(dict(metadata), sort_keys=False, allow_unicode=True)).strip()
 
 
 def _write(path: Path, text: str) -> None:

@@ -14,6 +14,8 @@ import surgery
 from exporters.card import (
     CARD_FILENAME,
     build_card,
+    card_metadata_fields,
+    metadata_yaml,
     set_card_repo_id,
     update_card_with_validation,
     validate_card,
@@ -281,3 +283,34 @@ def test_card_metadata_reads_as_huggingface_hub_metadata_load(text: str, tmp_pat
             raise
 
     assert outcome(lambda: card_metadata(path.read_text(encoding="utf-8-sig"))) == outcome(lambda: metadata_load(path))
+
+
+@pytest.mark.parametrize("fields", [
+    {"base_model": "org/model", "base_model_relation": None, "library_name": "transformers",
+     "pipeline_tag": "text-generation", "tags": ["pruned", "layer-surgery"], "license": "apache-2.0",
+     "license_name": None, "license_link": None},
+    {"base_model": "`tiny`", "base_model_relation": "merge", "library_name": "transformers", "pipeline_tag": None,
+     "tags": ["parallel-merged", "pruned", "parallel-merged", "layer-surgery"], "license": "other",
+     "license_name": "gemma", "license_link": "https://ai.google.dev/gemma/terms"},
+    {"tags": "one", "library_name": "transformers", "license": None, "base_model": "naïve/é: model"},
+])
+def test_card_metadata_equals_huggingface_hub_model_card_data(fields: dict[str, object]) -> None:
+    """The card's metadata is built without huggingface_hub (17 ms of every write): the same dict and YAML."""
+    from huggingface_hub import ModelCardData
+
+    reference = ModelCardData(**fields)
+    ours = card_metadata_fields(**fields)
+    assert ours == reference.to_dict() and list(ours) == list(reference.to_dict())
+    assert metadata_yaml(ours) == reference.to_yaml()
+
+
+def test_a_card_write_does_not_import_huggingface_hub(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, surgery; surgery.prune(sys.argv[1], sys.argv[2], drop='1', quiet=True); "
+            "print(sorted(m for m in sys.modules if m.startswith('huggingface_hub')))")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_model("llama")), str(tmp_path / "out")],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    ModelCard.load(tmp_path / "out" / "README.md")  # and the card parses with huggingface_hub
