@@ -14,10 +14,14 @@
   The builder's ``GroupQueryAttention`` takes positions from the attention mask's lengths, so the graph
   serves one sequence (or right-aligned batches) but not a left-padded batch: validation checks each
   prompt alone, and the runner refuses a left-padded batch on such a graph.
-* ``auto``: the builder when it can take the model (:func:`builder_problem` says why not: a wide block, an
-  architecture the builder does not list, a head size that is not a multiple of 16, no tokenizer, fp16,
-  ``--share-buffer`` or ``--quantize``, onnxruntime-genai missing) and its graph passes validation; else
-  surgery's graph, and the report says why.
+* ``auto``: the builder when it can take the model (:func:`builder_problem` says why not: an architecture the
+  builder does not list, a wide block of a family other than Llama or without ``--trust-remote-code``, a head size
+  that is not a multiple of 16, no tokenizer, fp16, ``--share-buffer`` or ``--quantize``, onnxruntime-genai
+  missing) and its graph passes validation; else surgery's graph, and the report says why.
+
+Wide-block checkpoints (``surgery parallel``) of Llama-family models go through the builder's ``LlamaModel``,
+subclassed in :mod:`exporters.onnx_builder_wide` so that each wide layer is written fused (one
+``GroupQueryAttention`` over its K·H heads); the report lists the wide layers (``wide_layers``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from exporters.onnx_builder_wide import run_wide_builder, wide_base_architecture, wide_problem, wide_steps
 from exporters.onnx_model import _load, _Loaded, left_padded_positions
 from exporters.onnx_parity import Check, OnnxValidationReport, _diff_check, _greedy_check, _prompts
 from exporters.onnx_session import ONNX_FILENAME, OnnxCausalLM
@@ -46,6 +51,7 @@ from surgery.compat import output_cache, with_cache
 from surgery.errors import OnnxExportError, OnnxValidationError, OptionError, SurgeryError
 from surgery.plan import RECIPE_FILENAME
 from surgery.source import Source, open_source
+from surgery.widen import MODEL_TYPE as WIDE_MODEL_TYPE
 
 GRAPHS = ("auto", "builder", "surgery")
 DEFAULT_GRAPH = "surgery"
@@ -118,13 +124,15 @@ def builder_architectures() -> set[str]:
     return set()
 
 
-def builder_problem(model_dir: Path, *, dtype: str = "fp32", options: dict[str, Any] | None = None) -> str | None:
+def builder_problem(model_dir: Path, *, dtype: str = "fp32", options: dict[str, Any] | None = None,
+                    trust_remote_code: bool = False) -> str | None:
     """Why the reference builder cannot export this checkpoint as surgery would validate it, or None.
 
     Args:
         model_dir: the checkpoint directory (a GGUF source's converted directory).
         dtype: the export dtype (the builder path writes fp32 only).
         options: surgery's other export options; ``share_buffer`` or ``quantize`` keep surgery's graph.
+        trust_remote_code: a wide-block checkpoint (its modelling code ships in it) is loaded only with it.
 
     Returns:
         A one-line reason, or None when the builder can be tried.
@@ -142,9 +150,15 @@ def builder_problem(model_dir: Path, *, dtype: str = "fp32", options: dict[str, 
     if dtype != "fp32":
         return f"the builder path writes fp32 only (asked {dtype})"
     config = read_json_object(model_dir / "config.json", "config")
-    if config.get("auto_map") or any(model_dir.glob("modeling_*.py")):
-        return "a wide-block model (its modelling code ships in the checkpoint): the builder does not know the wide block"
     names = config.get("architectures") or []
+    if config.get("auto_map") or any(model_dir.glob("modeling_*.py")):
+        if config.get("model_type") != WIDE_MODEL_TYPE:
+            return "its modelling code ships in the checkpoint (not a wide-block model of this tool): the builder does not know it"
+        if (problem := wide_problem(config)) is not None:
+            return f"a wide-block model: {problem}"
+        if not trust_remote_code:
+            return "a wide-block model: its modelling code ships in the checkpoint; pass --trust-remote-code"
+        names = [wide_base_architecture(config)]
     nested = config.get("text_config")
     text: dict[str, Any] = nested if isinstance(nested, dict) else config
     if not names or names[0] not in builder_architectures():
@@ -176,6 +190,8 @@ class BuilderExportResult:
         op_types: op type -> node count.
         opset: the graph's ONNX opset (default domain).
         share_buffer: ``past_present_share_buffer`` as the builder wrote it in ``genai_config.json``.
+        wide_layers: each wide-layer application (``layer``, ``branches`` K, ``mlp_input``, ``fused``); empty for a
+            standard checkpoint.
         kind: always ``decoder``.
         dtype: always ``fp32``.
     """
@@ -193,6 +209,7 @@ class BuilderExportResult:
     op_types: dict[str, int] = field(default_factory=dict)
     opset: int = 0
     share_buffer: bool = True
+    wide_layers: list[dict[str, Any]] = field(default_factory=list)
     kind: str = "decoder"
     dtype: str = "fp32"
 
@@ -223,6 +240,7 @@ class BuilderExportResult:
             "outputs": self.outputs, "nodes": self.nodes, "op_types": self.op_types,
             "files": [{"file": n, "bytes": b} for n, b in self.files], "external_data": self.external_data,
             "export_seconds": round(self.export_seconds, 2), "share_buffer": self.share_buffer,
+            "wide_layers": self.wide_layers,
             "validation": self.validation.to_dict() if self.validation else None,
         }
 
@@ -263,7 +281,7 @@ def export_onnx_graph(
         both have ``summary()`` and ``to_dict()``, and ``onnx-export.json`` names the graph and why.
 
     Raises:
-        OptionError: an unknown graph, or ``builder`` asked for a model it cannot take (a wide block, ...).
+        OptionError: an unknown graph, or ``builder`` asked for a model it cannot take (a non-Llama wide block, ...).
         OnnxExportError: the builder failed (``--debug`` shows its traceback).
         OnnxValidationError: ``builder``: its graph disagrees with PyTorch beyond the bound.
         The errors of :func:`exporters.onnx.export_onnx`.
@@ -289,7 +307,7 @@ def export_onnx_graph(
 
     if graph == "surgery":
         return surgery("asked (--graph surgery)")
-    problem = builder_problem(source.path, dtype=dtype, options=surgery_options)
+    problem = builder_problem(source.path, dtype=dtype, options=surgery_options, trust_remote_code=trust_remote_code)
     if problem is not None:
         if graph == "builder":
             raise OptionError(f"--graph builder cannot export {source.name}: {problem}",
@@ -348,8 +366,14 @@ def export_builder(
     with staged_output(out, force=force) as staging:
         _say(quiet, f"running onnxruntime-genai's model builder on {source.name} (fp32, {device})...")
         started = time.perf_counter()
+        config = read_json_object(source.path / "config.json", "config")
+        wide = config.get("model_type") == WIDE_MODEL_TYPE
+        wide_layers = [{"layer": p, "branches": k, "mlp_input": m, "fused": True} for p, k, m in wide_steps(config)]
+        if wide:
+            reason += f"; {len(wide_layers)} wide layer(s) fused (one GroupQueryAttention over K·H heads each)"
         run_builder(source.path, staging, staging.parent / "builder-cache", execution_provider=device,
-                    trust_remote_code=trust_remote_code, model_type=loaded.model_type)
+                    trust_remote_code=trust_remote_code, model_type=loaded.model_type,
+                    wide_base=wide_base_architecture(config) if wide else None)
         export_seconds = time.perf_counter() - started
         _copy_missing(source, loaded, staging, _copy_beside)
         report = None
@@ -370,6 +394,7 @@ def export_builder(
             inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output], files=files,
             validation=report, export_seconds=export_seconds, nodes=stats["nodes"], op_types=stats["op_types"],
             opset=opset, share_buffer=bool(genai.get("search", {}).get("past_present_share_buffer", False)),
+            wide_layers=wide_layers,
         )
         import onnxruntime_genai
 
@@ -385,7 +410,7 @@ def export_builder(
 
 
 def run_builder(model_dir: Path, output_dir: Path, cache_dir: Path, *, execution_provider: str = "cpu",
-                trust_remote_code: bool = False, model_type: str = "?") -> None:
+                trust_remote_code: bool = False, model_type: str = "?", wide_base: str | None = None) -> None:
     """``create_model`` of onnxruntime-genai's builder, fp32, on a local checkpoint; its chatter swallowed.
 
     Args:
@@ -395,6 +420,8 @@ def run_builder(model_dir: Path, output_dir: Path, cache_dir: Path, *, execution
         execution_provider: ``cpu`` or ``cuda``.
         trust_remote_code: the builder's ``hf_remote`` (False unless the user asked).
         model_type: named in the error.
+        wide_base: a wide-block checkpoint's base architecture (``LlamaForCausalLM``): the builder's model class,
+            subclassed to write the wide layers fused (:mod:`exporters.onnx_builder_wide`); None: ``create_model``.
 
     Raises:
         OnnxExportError: the builder raised (the first line of its message; the traceback is chained for ``--debug``).
@@ -408,10 +435,14 @@ def run_builder(model_dir: Path, output_dir: Path, cache_dir: Path, *, execution
             warnings.simplefilter("ignore")
             builder = _builder_module()
             extra = [f"hf_remote={'true' if trust_remote_code else 'false'}", "hf_token=false"]
-            options = builder.parse_extra_options(None, str(model_dir), str(output_dir), "fp32", execution_provider,
-                                                  str(cache_dir), extra)
-            builder.create_model(None, str(model_dir), str(output_dir), "fp32", execution_provider, str(cache_dir),
-                                 **options)
+            if wide_base is not None:
+                run_wide_builder(builder, model_dir, output_dir, cache_dir, execution_provider=execution_provider,
+                                 extra=extra, base_architecture=wide_base)
+            else:
+                options = builder.parse_extra_options(None, str(model_dir), str(output_dir), "fp32", execution_provider,
+                                                      str(cache_dir), extra)
+                builder.create_model(None, str(model_dir), str(output_dir), "fp32", execution_provider, str(cache_dir),
+                                     **options)
     except SurgeryError:
         raise
     except BaseException as exc:  # noqa: BLE001 - the builder raises anything (ValueError, NotImplementedError, ...)

@@ -1,6 +1,6 @@
 """``export-onnx --graph builder|auto``: onnxruntime-genai's model builder called as a library, its fused graph
 validated against PyTorch one sequence at a time, served by onnxruntime-genai and by surgery's runner; wide blocks
-refused (builder) or kept on surgery's graph (auto).
+taken by auto (their fused graph: tests/test_onnx_builder_wide.py).
 
 The tiny Llama here has head size 16 (hidden 64, 4 heads): ``GroupQueryAttention``'s CPU kernel refuses the
 shared tiny models' head size 8 — which :func:`test_auto_keeps_surgery_graph_for_head_size_8` checks — and a
@@ -151,21 +151,18 @@ def test_auto_takes_the_builder_and_default_stays_surgery(tiny16: tuple[Path, An
     assert "GroupQueryAttention" not in report["op_types"]
 
 
-def test_wide_block_refused_by_builder_and_kept_on_surgery_graph_by_auto(
-        tiny16: tuple[Path, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The builder does not know the wide block: --graph builder is one line, exit 2, nothing written; auto
-    exports surgery's graph, says why on stderr and in the report."""
+def test_auto_takes_the_builder_for_a_wide_llama(tiny16: tuple[Path, Any], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A Llama wide-block model with --trust-remote-code: auto takes the builder, its wide layers fused (more in
+    tests/test_onnx_builder_wide.py); without --trust-remote-code, auto keeps surgery's graph and says why."""
     wide = tmp_path / "wide"
     assert main(["parallel", str(tiny16[0]), str(wide), "--groups", "1-2,3-4", "--quiet"]) == 0
-    code = main(["export-onnx", str(wide), str(tmp_path / "b"), "--graph", "builder", "--trust-remote-code"])
-    assert_one_line_error(code, capsys.readouterr().err, "--graph builder cannot export", "wide-block")
-    assert not (tmp_path / "b").exists()
     assert main(["export-onnx", str(wide), str(tmp_path / "a"), "--graph", "auto", "--trust-remote-code"]) == 0
-    captured = capsys.readouterr()
-    assert "graph: surgery's (a wide-block model" in captured.err
     report = json.loads((tmp_path / "a" / "onnx-export.json").read_text())
-    assert report["graph"] == "surgery" and "wide-block" in report["graph_reason"] and report["validation"]["passed"]
-    assert report["cache_heads"] == [2, 4, 4, 2]
+    assert report["graph"] == "builder" and "2 wide layer(s) fused" in report["graph_reason"]
+    assert report["cache_heads"] == [2, 4, 4, 2] and report["validation"]["passed"]
+    capsys.readouterr()
+    assert builder_problem(wide) == "a wide-block model: its modelling code ships in the checkpoint; pass --trust-remote-code"
 
 
 def test_auto_keeps_surgery_graph_for_head_size_8(tiny_model: Callable[..., Path]) -> None:
