@@ -214,7 +214,8 @@ def test_smollm2_wide_blocks_builder_graph(smollm2_dir: Path, tmp_path: Path) ->
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     heads = [{a.name: a.i for a in n.attribute}["num_heads"] for n in graph.node if n.op_type == "GroupQueryAttention"]
     assert heads == [9] * 10 + [18, 18] + [9] * 16
-    ids = transformers.AutoTokenizer.from_pretrained(str(out))("The capital of France is Paris. The capital of Germany is")["input_ids"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    ids = tokenizer("The capital of France is Paris. The capital of Germany is")["input_ids"]
     expected = _expected_tokens(_wide_model(wide), ids, GENAI_TOKENS)
     assert genai_greedy(out, ids, GENAI_TOKENS) == expected
     assert genai_greedy(out, ids, GENAI_TOKENS, share_buffer=False) == expected
