@@ -1,6 +1,7 @@
 """``export-onnx --graph builder`` on wide-block checkpoints (``surgery parallel``): the builder's fused graph with
 each wide layer fused (one GroupQueryAttention over K·H heads, batched per-branch projections), validated against
-PyTorch, served by onnxruntime-genai; both ``--mlp-input`` modes, a looped block, and what is refused.
+PyTorch, served by onnxruntime-genai; both ``--mlp-input`` modes, a looped block, biases, wide first and last layers,
+and what is refused.
 
 The tiny Llama is the builder tests' (head size 16, 4 heads, 2 KV heads, hidden 64, MLP 96, 6 layers, a
 character tokenizer).
@@ -29,11 +30,17 @@ from tests.tiny_text import readable
 pytestmark = pytest.mark.skipif(genai_problem() is not None, reason=str(genai_problem()))
 
 HEADS, KV_HEADS = 4, 2
-# name -> (parallel arguments, cache heads per layer, (layer, K) of each wide layer)
+# name -> (parallel arguments, cache heads per layer, (layer, K) of each wide layer); "bias": exact, on a tiny Llama
+# with attention and MLP biases
 CASES: dict[str, tuple[list[str], list[int], list[tuple[int, int]]]] = {
     "exact": (["--groups", "1-2,3-4"], [2, 4, 4, 2], [(1, 2), (2, 2)]),
     "shared": (["--groups", "2-4", "--loop", "2", "--mlp-input", "shared"], [2, 2, 6, 6, 2], [(2, 3), (3, 3)]),
+    "bias": (["--groups", "0-1,4-5"], [4, 2, 2, 4], [(0, 2), (3, 2)]),
 }
+
+
+def _mode(case: str) -> str:
+    return "shared" if case == "shared" else "exact"
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +50,34 @@ def tiny16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return readable("llama", root / "llama", source=root / "weights")
 
 
+def _tiny16_biased(directory: Path) -> Path:
+    import torch
+    import transformers
+
+    from tests import tiny
+
+    _, values = tiny.CONFIGS["llama"]
+    values = {**values, "hidden_size": 64, "intermediate_size": 96, "max_position_embeddings": 256,
+              "attention_bias": True, "mlp_bias": True}
+    config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(directory / "weights")
+    return readable("llama", directory / "llama", source=directory / "weights")
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def wide_export(request: pytest.FixtureRequest, tiny16_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
     """(case, the wide checkpoint, its --graph builder export)."""
     root = tmp_path_factory.mktemp(f"wide-{request.param}")
     wide, out = root / "wide", root / "onnx"
-    assert main(["parallel", str(tiny16_dir), str(wide), *CASES[request.param][0], "--quiet"]) == 0
+    source = _tiny16_biased(root) if request.param == "bias" else tiny16_dir
+    assert main(["parallel", str(source), str(wide), *CASES[request.param][0], "--quiet"]) == 0
     assert main(["export-onnx", str(wide), str(out), "--graph", "builder", "--trust-remote-code", "--quiet"]) == 0
     return request.param, wide, out
 
@@ -83,9 +111,14 @@ def test_wide_layers_fused_validated_and_reported(wide_export: tuple[str, Path, 
         for name in (f"past_key_values.{layer}.key", f"present.{layer}.value"):
             assert shapes[name][1] == heads
     assert not any(node.op_type == "MatMul" and "q_proj" in node.name for node in graph.node)  # QKV packed
+    if case == "bias":  # every wide projection has its bias added
+        adds = {node.name for node in graph.node if node.op_type == "Add"}
+        for layer, _ in wide_layers:
+            for proj in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"):
+                assert f"/model/layers.{layer}/{proj}/Add" in adds
     report = json.loads((out / "onnx-export.json").read_text())
     assert report["graph"] == "builder" and "wide layer(s) fused" in report["graph_reason"]
-    assert report["wide_layers"] == [{"layer": layer, "branches": k, "mlp_input": case, "fused": True}
+    assert report["wide_layers"] == [{"layer": layer, "branches": k, "mlp_input": _mode(case), "fused": True}
                                      for layer, k in wide_layers]
     assert report["cache_heads"] == cache_heads and report["op_types"]["GroupQueryAttention"] == len(cache_heads)
     validation = report["validation"]
@@ -136,7 +169,7 @@ def test_perturbed_branch_fails_validation(wide_export: tuple[str, Path, Path], 
     name = f"model.layers.{layer}.wide.o_proj.weight"
     init = next(t for t in model.graph.initializer if t.name == name)
     weight = onnx.numpy_helper.to_array(init).copy()
-    if case == "exact":
+    if _mode(case) == "exact":
         weight[1] *= 1.001  # (K, H·d, D): branch 1
     else:
         per_branch = weight.shape[0] // k  # (K·H·d, D): rows of branch 1
