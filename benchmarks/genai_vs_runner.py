@@ -19,8 +19,10 @@ What it measures
       engines (dynamic cache), and the share of its greedy tokens equal to the fp32 runner's (int4 tokens are
       not expected to be all equal);
     * unless ``--no-wide``, for the full model only: SmolLM2 with two pairs merged into wide blocks
-      (``surgery parallel --groups 10-11,12-13``: 28 layers, the same weights), exported with surgery's graph
-      (the builder refuses wide blocks), run in both engines against the unmerged 30-layer export above;
+      (``surgery parallel --groups 10-11,12-13``: 28 layers, the same weights), exported with surgery's graph,
+      run in both engines against the unmerged 30-layer export above; and unless ``--no-builder`` also exported
+      with ``--graph builder`` (the wide layers fused: one GroupQueryAttention over K·H heads each), run in both
+      engines against the unmerged model's builder export;
     * for every engine, the physical limit beside it: the weight bytes one decode step reads (the logic and
       the bandwidth measurement of ``benchmarks/onnx_vs_eager.py``, imported from it: every weight once, the
       tied embedding whole as the output projection; for int4, the MatMulNBits weights, scales and zero
@@ -40,7 +42,7 @@ Targets (issue 16; printed as PASS/MISS; the script exits 0 either way: it is a 
       surgery's export against onnxruntime-genai on the builder's (the reference as shipped);
     * int4 decode at least 2.5x the fp32 decode of the same export, per model and engine;
     * aim: every engine at 80% of its bandwidth limit or more;
-    * the wide-block model's decode against the unmerged model's, per engine: the ratio, no target.
+    * the wide-block model's decode against the unmerged model's, per engine and graph: the ratio, no target.
 
 How to run (needs ``pip install 'layer-surgery[genai]'``)
     python benchmarks/genai_vs_runner.py                         # 1 thread, 5 rounds
@@ -71,6 +73,7 @@ from onnx_vs_eager import export_builder_graph, read_bandwidth, weight_bytes_per
 
 import surgery  # noqa: E402
 from exporters.onnx import export_onnx  # noqa: E402
+from exporters.onnx_builder import export_onnx_graph  # noqa: E402
 from exporters.onnx_genai import genai_problem  # noqa: E402
 from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
 from surgery.source import open_source  # noqa: E402
@@ -104,6 +107,17 @@ def export_wide(source: Path, workdir: Path, name: str) -> tuple[Path, Path]:
         sys.stderr.write(f"exporting {name} with wide blocks {WIDE_GROUPS} to ONNX (validated)...\n")
         export_onnx(checkpoint, onnx_dir, quiet=True, force=True, trust_remote_code=True)
     return checkpoint, onnx_dir
+
+
+def export_wide_builder(checkpoint: Path, workdir: Path, name: str) -> Path:
+    """The wide-block checkpoint exported with ``--graph builder`` (its wide layers fused), written once."""
+    onnx_dir = workdir / f"{name}-wide-onnx-builder"
+    if not (onnx_dir / "model.onnx").exists():
+        sys.stderr.write(f"exporting {name} with wide blocks {WIDE_GROUPS} with --graph builder (validated)...\n")
+        result = export_onnx_graph(checkpoint, onnx_dir, graph="builder", quiet=True, force=True,
+                                   trust_remote_code=True)
+        sys.stderr.write(result.validation.format() + "\n")
+    return onnx_dir
 
 
 def checkpoint_weight_bytes(checkpoint: Path, trust_remote_code: bool = False) -> int:
@@ -264,6 +278,14 @@ def main() -> None:
             engines["genai wide"] = genai_engine(wide[1], args.threads, False, "onnxruntime-genai, dynamic cache",
                                                  f"wide blocks {WIDE_GROUPS}", engines["runner, wide"].layers,
                                                  wide_bytes, "runner, wide")
+            if builder is not None:
+                wide_builder = export_wide_builder(wide[0], workdir, short)
+                label = f"wide blocks {WIDE_GROUPS}, --graph builder"
+                engines["runner, wide builder"] = runner_engine(wide_builder, args.threads, label, wide_bytes,
+                                                                "runner, wide")
+                engines["genai wide builder"] = genai_engine(wide_builder, args.threads, None,
+                                                             "onnxruntime-genai, builder's config", label,
+                                                             engines["runner, wide"].layers, wide_bytes, "runner, wide")
 
         ids = np.random.default_rng(0).integers(100, 40_000, (1, args.prompt)).astype(np.int64)
         for engine in engines.values():  # warm-up every engine
@@ -337,8 +359,12 @@ def main() -> None:
             print(f"{name}, {engine.label}, {engine.graph}: {100 * fraction:.0f}% of the bandwidth limit, aim "
                   f"{100 * BANDWIDTH_AIM:.0f}%: {verdict(fraction, BANDWIDTH_AIM)}")
         for wide_key, base_key, engine_name in (("runner, wide", "runner", "surgery's runner"),
-                                                ("genai wide", "genai", "onnxruntime-genai")):
-            if wide_key in engines:
+                                                ("genai wide", "genai", "onnxruntime-genai"),
+                                                ("runner, wide builder", "runner, builder",
+                                                 "surgery's runner, builder's graph"),
+                                                ("genai wide builder", "genai builder",
+                                                 "onnxruntime-genai, builder's graph")):
+            if wide_key in engines and base_key in engines:
                 best, mid = ratio(engines[wide_key], engines[base_key])
                 print(f"{name}, {engine_name}: wide blocks {WIDE_GROUPS} ({engines[wide_key].layers} layers) "
                       f"{max(engines[wide_key].speeds):.1f} tok/s against unmerged ({engines[base_key].layers} "
