@@ -120,3 +120,17 @@ def greedy(model: Any, ids: torch.Tensor, new: int, *, use_cache: bool) -> torch
             ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=use_cache,
             attention_mask=torch.ones_like(ids), pad_token_id=0,
         )
+
+
+def random_llama(config: Any, *, seed: int = 0, noise: float = 0.05) -> Any:
+    """A ``LlamaForCausalLM`` of ``config`` (architectures set) with every parameter, biases included,
+    moved off its initial value by Gaussian noise of std ``noise``, so no zero bias hides a path."""
+    import transformers
+
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * noise)
+    return model

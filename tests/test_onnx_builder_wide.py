@@ -23,7 +23,7 @@ from exporters.onnx_model import _load
 from exporters.onnx_parity import FP32_RELATIVE_TOLERANCE
 from exporters.onnx_runtime import OnnxCausalLM
 from surgery.cli import main
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, random_llama
 from tests.test_onnx_builder import GENAI_TOKENS, _build_tiny16, _expected_tokens
 from tests.tiny_text import readable
 
@@ -51,7 +51,6 @@ def tiny16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tiny16_biased(directory: Path) -> Path:
-    import torch
     import transformers
 
     from tests import tiny
@@ -60,12 +59,7 @@ def _tiny16_biased(directory: Path) -> Path:
     values = {**values, "hidden_size": 64, "intermediate_size": 96, "max_position_embeddings": 256,
               "attention_bias": True, "mlp_bias": True}
     config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+    model = random_llama(config)
     model.save_pretrained(directory / "weights")
     return readable("llama", directory / "llama", source=directory / "weights")
 

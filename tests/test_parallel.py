@@ -31,7 +31,7 @@ from surgery.errors import ParallelGroupError, ParallelMergeError, PlanError
 from surgery.plan import ParallelGroup, Plan, Recipe
 from tests import tiny
 from tests.helpers import TINY_IDS as IDS
-from tests.helpers import assert_one_line_error, greedy, load_wide, rel
+from tests.helpers import assert_one_line_error, greedy, load_wide, random_llama, rel
 from tests.reference import cached_logits, parallel_reference_model
 
 RTOL = 1e-5
@@ -120,12 +120,7 @@ def llama10(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Mo
         vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=10, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
     )
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+    model = random_llama(config)
     path = tmp_path_factory.mktemp("llama10") / "src"
     model.save_pretrained(path)
     return path, model.eval()
