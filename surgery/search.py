@@ -615,8 +615,6 @@ class _Lazy:
     def __init__(self, identity: Plan) -> None:
         self.increments: dict[str, float] = {}  # change -> its increment when last screened
         self.base_kl: dict[str, float] = {str(identity): 0.0}  # plan -> its screening KL
-        self.screened = 0
-        self.skipped = 0
         self.last: dict[str, float] = {}  # the latest step's screening KLs
 
     def shortlist(self, scorer: _Scorer, progress: _Progress, entries: list[Entry], shortlist: int, plain_too: bool,
@@ -642,7 +640,6 @@ class _Lazy:
                 scorer.base(base)
                 screen_kl[text] = kl = scorer.kl(base, plan, screening=True)
                 progress.screened()
-                self.screened += 1
                 base_kl = self.base_kl.get(str(base))
                 if base_kl is not None:
                     self.increments[change] = kl - base_kl
@@ -651,7 +648,6 @@ class _Lazy:
             if len(best) < shortlist or not plan.groups:  # past the shortlist, only plain plans are still wanted
                 best.append(entries[index])
                 plain += not plan.groups
-        self.skipped += len(entries) - sum(1 for _, plan, _ in entries if str(plan) in screen_kl)
         return best
 
     def kept(self, plans: list[Plan]) -> None:
