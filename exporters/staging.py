@@ -29,7 +29,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import stat
 import sys
 import tempfile
@@ -147,12 +146,51 @@ def _check_replaceable(out: Path) -> None:
         raise OutputNotOursError(str(out), reason)
 
 
+def _hostname() -> str:
+    """This host's name, as ``socket.gethostname()`` gives it (without importing socket: 3 ms of start-up)."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    import socket  # pragma: no cover - Windows
+
+    return socket.gethostname()  # pragma: no cover
+
+
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """Hold the lock of ``out`` (never waiting: a held lock is another run writing the same OUT)."""
+    path = lock_path(out)
+    if os.name != "posix":  # pragma: no cover - exercised on Windows only
+        with _filelock(out, path):
+            yield
+        return
+    # POSIX: flock(2) directly, the very lock filelock's UnixFileLock takes (so the two exclude each
+    # other), without importing filelock (10 ms of the start-up of every write, issue 13).
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusyError(str(out), str(path)) from None
+        if os.fstat(fd).st_nlink == 0:  # its holder removed it as we opened it: that run was still writing
+            raise OutputBusyError(str(out), str(path))
+        try:
+            yield
+        finally:
+            # Removed while still held: a run that opened it meanwhile sees it unlinked (st_nlink 0)
+            # and does not count it as acquired, so no two runs ever hold it at once.
+            with suppress(OSError):
+                path.unlink()
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+@contextmanager
+def _filelock(out: Path, path: Path) -> Iterator[None]:
+    """:func:`_locked` where flock(2) does not exist, through filelock."""
     from filelock import FileLock, Timeout
 
-    path = lock_path(out)
     lock = FileLock(str(path), timeout=0)
     try:
         lock.acquire()
@@ -161,8 +199,6 @@ def _locked(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        # Removed while still held: a run that opened it meanwhile sees it unlinked and does not
-        # count it as acquired (filelock checks st_nlink), so no two runs ever hold it at once.
         with suppress(OSError):
             path.unlink()
         lock.release()
@@ -207,7 +243,7 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
 def _make_workdir(out: Path) -> Path:
     """``.NAME.partial-PID-RANDOM`` beside ``out``, with this tool's marker naming its owner."""
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
-    marker = {"tool": MARKER_TOOL, "pid": os.getpid(), "host": socket.gethostname(), "out": out.name, "created": time.time()}
+    marker = {"tool": MARKER_TOOL, "pid": os.getpid(), "host": _hostname(), "out": out.name, "created": time.time()}
     (work / MARKER_FILENAME).write_text(json.dumps(marker) + "\n")
     return work
 
@@ -312,7 +348,7 @@ def _remove_stale(out: Path) -> None:
         marker = _read_marker(work / MARKER_FILENAME)
         if marker is None or marker.get("tool") != MARKER_TOOL or marker.get("pid") != int(pid_text):
             continue
-        if marker.get("host") != socket.gethostname() or marker.get("out") != out.name:
+        if marker.get("host") != _hostname() or marker.get("out") != out.name:
             continue
         if _alive(int(pid_text)):
             continue

@@ -415,6 +415,48 @@ def test_a_held_lock_refuses_before_any_work(
     assert not out.exists()
 
 
+
+def test_our_lock_and_filelock_exclude_each_other(tmp_path: Path) -> None:
+    # The POSIX path takes flock(2) itself; an older surgery (or anything using filelock) must still
+    # be refused while we hold it, and we while it holds it.
+    from filelock import FileLock, Timeout
+
+    from exporters.staging import _locked
+    from surgery.errors import OutputBusyError
+
+    out = tmp_path / "out"
+    with _locked(out):
+        with pytest.raises(Timeout):
+            FileLock(str(lock_path(out)), timeout=0).acquire()
+        with pytest.raises(OutputBusyError), _locked(out):
+            pass
+    assert not lock_path(out).exists()  # removed by its holder
+    with _locked(out):  # free again
+        pass
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock(2)")
+def test_a_lock_file_its_holder_removed_as_we_opened_it_counts_as_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    from exporters.staging import _locked
+    from surgery.errors import OutputBusyError
+
+    out = tmp_path / "out"
+    real_flock = fcntl.flock
+
+    def holder_finishes_first(fd: int, operation: int) -> None:
+        lock_path(out).unlink()  # the previous holder removes the file and releases
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", holder_finishes_first)
+    entered = []
+    with pytest.raises(OutputBusyError), _locked(out):
+        entered.append(True)
+    assert not entered
+
 # -- 5. debris of a killed run ------------------------------------------------------------------------
 
 _KILLED_RUN = """
