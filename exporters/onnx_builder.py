@@ -15,13 +15,15 @@
   serves one sequence (or right-aligned batches) but not a left-padded batch: validation checks each
   prompt alone, and the runner refuses a left-padded batch on such a graph.
 * ``auto``: the builder when it can take the model (:func:`builder_problem` says why not: an architecture the
-  builder does not list, a wide block of a family other than Llama or without ``--trust-remote-code``, a head size
-  that is not a multiple of 16, no tokenizer, fp16, ``--share-buffer`` or ``--quantize``, onnxruntime-genai
-  missing) and its graph passes validation; else surgery's graph, and the report says why.
+  builder does not list, a wide block of a family other than Llama, Mistral and Qwen 2 or without
+  ``--trust-remote-code``, a head size that is not a multiple of 16, no tokenizer, fp16, ``--share-buffer`` or
+  ``--quantize``, onnxruntime-genai missing) and its graph passes validation; else surgery's graph, and the report
+  says why.
 
-Wide-block checkpoints (``surgery parallel``) of Llama-family models go through the builder's ``LlamaModel``,
-subclassed in :mod:`exporters.onnx_builder_wide` so that each wide layer is written fused (one
-``GroupQueryAttention`` over its K·H heads); the report lists the wide layers (``wide_layers``).
+Wide-block checkpoints (``surgery parallel``) of Llama, Mistral and Qwen 2 models go through the builder's class
+for their base architecture (``LlamaModel``, ``MistralModel``, ``QwenModel``), subclassed in
+:mod:`exporters.onnx_builder_wide` so that each wide layer is written fused (one ``GroupQueryAttention`` over its
+K·H heads); the report lists the wide layers (``wide_layers``).
 """
 
 from __future__ import annotations
@@ -281,7 +283,7 @@ def export_onnx_graph(
         both have ``summary()`` and ``to_dict()``, and ``onnx-export.json`` names the graph and why.
 
     Raises:
-        OptionError: an unknown graph, or ``builder`` asked for a model it cannot take (a non-Llama wide block, ...).
+        OptionError: an unknown graph, or ``builder`` asked for a model it cannot take (a wide Qwen 3 or Gemma, ...).
         OnnxExportError: the builder failed (``--debug`` shows its traceback).
         OnnxValidationError: ``builder``: its graph disagrees with PyTorch beyond the bound.
         The errors of :func:`exporters.onnx.export_onnx`.
@@ -420,7 +422,7 @@ def run_builder(model_dir: Path, output_dir: Path, cache_dir: Path, *, execution
         execution_provider: ``cpu`` or ``cuda``.
         trust_remote_code: the builder's ``hf_remote`` (False unless the user asked).
         model_type: named in the error.
-        wide_base: a wide-block checkpoint's base architecture (``LlamaForCausalLM``): the builder's model class,
+        wide_base: a wide-block checkpoint's base architecture (``LlamaForCausalLM``, ...): its builder model class,
             subclassed to write the wide layers fused (:mod:`exporters.onnx_builder_wide`); None: ``create_model``.
 
     Raises:

@@ -1,9 +1,25 @@
 """The builder's fused graph for wide-block checkpoints (``surgery parallel``): onnxruntime-genai's model builder,
 subclassed so that each wide layer is emitted in fused form.
 
-The standard layers are the builder's own (its ``LlamaModel``). A wide block of K layers, H query heads, H_kv KV
-heads of size d, hidden size D and MLP width I (the checkpoint layout of :mod:`surgery.widen`: every norm weight
-folded into the projection it feeds, ``qkv_proj`` laid out ``[q_1..q_K | k_1..k_K | v_1..v_K]``) becomes:
+Base families (:data:`WIDE_BASE_TYPES`): Llama, Mistral and Qwen 2. The builder class subclassed is the one its
+``create_model`` instantiates for the base architecture (``LlamaModel``, ``MistralModel``, ``QwenModel``: read
+from its source, :func:`builder_class`), so the standard layers are exactly the builder's own (``LlamaModel`` adds
+only Llama 3's rotary rescaling; ``MistralModel`` and ``QwenModel`` are the builder's base ``Model``). The families
+differ in their configs, which the builder and this module both read:
+
+* biases: Qwen 2's q/k/v biases are stored in the wide layout as ``qkv_proj.bias``, packed
+  ``[q_1..q_K | k_1..k_K | v_1..v_K]`` like the weight (:mod:`surgery.widen`), and added after the packed MatMul;
+  output and MLP biases likewise, where the base has them;
+* sliding windows: a layer is local when the config's ``layer_types`` says ``sliding_attention`` (Qwen 2 with
+  ``use_sliding_window``, one entry per application in a wide checkpoint) or, with no ``layer_types`` and a
+  ``sliding_window`` set (Mistral), every layer is, as in transformers (the builder's own ``MistralModel`` would
+  write no window at all); a local layer's ``GroupQueryAttention``, wide or not, gets ``local_window_size``.
+  The builder's windowed (ring) KV cache is turned off (``windowed_kv_cache=false``): every layer keeps a
+  full-length cache (the window is the operator's mask), which surgery's runner and onnxruntime-genai serve.
+
+A wide block of K layers, H query heads, H_kv KV heads of size d, hidden size D and MLP width I (the checkpoint
+layout of :mod:`surgery.widen`: every norm weight folded into the projection it feeds, ``qkv_proj`` laid out
+``[q_1..q_K | k_1..k_K | v_1..v_K]``) becomes:
 
 * the input norm: ``(Skip)SimplifiedLayerNormalization`` with a weight of ones (the branches' weights are folded),
   carrying the residual as the builder's layers do;
@@ -20,8 +36,8 @@ folded into the projection it feeds, ``qkv_proj`` laid out ``[q_1..q_K | k_1..k_
   ``SkipSimplifiedLayerNormalization``, gate/up/down of width K·I: a standard layer with K·H heads.
 
 A looped block (``[i-j]xR``) is emitted once per application (its own cache), its weights stored once.
-Refused (:func:`wide_problem`): base families other than Llama (the builder class is ``LlamaModel``), per-head q/k
-norms and per-branch output norms (Qwen 3, Gemma), activations other than SiLU.
+Refused (:func:`wide_problem`): other base families, Qwen 3 (per-head q/k norms kept per branch) and Gemma 2/3
+(those and per-branch output norms, ``1 + w`` norms, soft-capping) among them, and activations other than SiLU.
 """
 
 from __future__ import annotations
@@ -33,7 +49,14 @@ from typing import Any
 
 from surgery.modeling_wide import BASE_KEY
 
-WIDE_BASE_TYPES = ("llama",)  # base families whose standard layers the builder's LlamaModel writes
+# Base families whose wide layers are written fused; the builder's class for each: create_model's for its architecture.
+WIDE_BASE_TYPES = ("llama", "mistral", "qwen2")
+# Families surgery parallel merges whose wide layers need more than this module writes.
+_NOT_FUSED = {
+    "qwen3": "its per-head q/k norms, kept per branch in the wide block, are not written",
+    "gemma2": "its per-branch output norms, 1 + w norms and attention soft-capping are not written",
+    "gemma3_text": "its per-head q/k norms and per-branch output norms (1 + w norms) are not written",
+}
 _WIDE_CLASSES = ("ParallelBlock", "ParallelLoop")  # surgery.modeling_wide's layer classes
 
 
@@ -47,13 +70,15 @@ def wide_problem(config: dict[str, Any]) -> str | None:
         A one-line reason, or None.
 
     Example:
-        >>> wide_problem({"surgery_base_model_type": "gemma3_text"})
-        'the fused wide block is implemented for Llama-family checkpoints (the builder\\'s LlamaModel), not gemma3_text'
+        >>> wide_problem({"surgery_base_model_type": "phi3"})
+        'the fused wide block is implemented for llama, mistral and qwen2 checkpoints, not phi3'
+        >>> wide_problem({"surgery_base_model_type": "mistral", "hidden_act": "silu"}) is None
+        True
     """
     base = config.get(BASE_KEY)
     if base not in WIDE_BASE_TYPES:
-        return (f"the fused wide block is implemented for Llama-family checkpoints (the builder's LlamaModel), "
-                f"not {base}")
+        why = f": {_NOT_FUSED[base]}" if base in _NOT_FUSED else ""
+        return f"the fused wide block is implemented for llama, mistral and qwen2 checkpoints, not {base}{why}"
     act = config.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         return f"the fused wide block writes a SiLU MLP, not {act}"
@@ -61,7 +86,8 @@ def wide_problem(config: dict[str, Any]) -> str | None:
 
 
 def wide_base_architecture(config: dict[str, Any]) -> str:
-    """The causal-LM class name of a wide-block checkpoint's base family (``LlamaForCausalLM``), from transformers.
+    """The causal-LM class name of a wide-block checkpoint's base family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``),
+    from transformers.
 
     Example:
         >>> wide_base_architecture({"surgery_base_model_type": "llama"})
@@ -93,7 +119,8 @@ def wide_steps(config: dict[str, Any]) -> list[tuple[int, int, str]]:
 
 
 def wide_model_class(base: type) -> type:
-    """A subclass of the builder's model class (``LlamaModel``) that writes wide layers fused."""
+    """A subclass of the builder's model class (``LlamaModel``, ``MistralModel``, ``QwenModel``: :func:`builder_class`)
+    that writes wide layers fused."""
 
     class WideModel(base):
         num_attn_heads: int  # the builder's attributes this class reads and swaps
@@ -106,6 +133,9 @@ def wide_model_class(base: type) -> type:
             super().__init__(config, io_dtype, onnx_dtype, ep, cache_dir, extra_options)
             self.model_type = base_architecture  # genai_config's model.type and the weights' auto class
             self._wide_written: set[str] = set()
+            if getattr(config, "layer_types", None) is None and isinstance(self.window_size, int) and self.window_size > 0:
+                # a window and no per-layer types (Mistral): transformers applies the window in every layer
+                self.layer_types = ["sliding_attention"] * self.num_layers
             if self.attention_attrs["op_type"] != "GroupQueryAttention" or not self.attention_attrs["use_rope_in_attn"]:
                 raise NotImplementedError(
                     f"the fused wide block needs GroupQueryAttention with rotary inside (execution provider {ep})")
@@ -271,9 +301,28 @@ def wide_model_class(base: type) -> type:
     return WideModel
 
 
+def builder_class(builder: Any, architecture: str) -> type:
+    """The builder's model class that its ``create_model`` instantiates for ``architecture``, read from its source.
+
+    Example:
+        >>> from onnxruntime_genai.models import builder  # doctest: +SKIP
+        >>> builder_class(builder, "Qwen2ForCausalLM").__name__  # doctest: +SKIP
+        'QwenModel'
+    """
+    import inspect
+    import re
+
+    source = inspect.getsource(builder.create_model)
+    found = re.search(rf'config\.architectures\[0\] == "{re.escape(architecture)}":\s*\n\s*onnx_model = (\w+)\(', source)
+    if found is None:
+        raise NotImplementedError(f"the builder's create_model has no plain model class for {architecture}")
+    return getattr(builder, found.group(1))
+
+
 def run_wide_builder(builder: Any, model_dir: Path, output_dir: Path, cache_dir: Path, *, execution_provider: str,
                      extra: list[str], base_architecture: str) -> None:
-    """What the builder's ``create_model`` does, with the wide subclass of its ``LlamaModel``.
+    """What the builder's ``create_model`` does, with the wide subclass of its class for ``base_architecture``
+    (``windowed_kv_cache=false``: every layer's cache full-length, sliding windows as ``local_window_size``).
 
     ``genai_config.json`` is the builder's (``past_present_share_buffer`` true, ``num_key_value_heads`` H_kv):
     onnxruntime-genai 0.18 sizes each layer's cache, the share buffer included, from the graph's per-layer head
@@ -282,7 +331,7 @@ def run_wide_builder(builder: Any, model_dir: Path, output_dir: Path, cache_dir:
     os.makedirs(output_dir, exist_ok=True)
     os.makedirs(cache_dir, exist_ok=True)
     options = builder.parse_extra_options(None, str(model_dir), str(output_dir), "fp32", execution_provider,
-                                          str(cache_dir), extra)
+                                          str(cache_dir), [*extra, "windowed_kv_cache=false"])
     precision = "fp32"
     effective = options.pop("_effective_builder_config", None)
     if effective is not None:
@@ -291,8 +340,9 @@ def run_wide_builder(builder: Any, model_dir: Path, output_dir: Path, cache_dir:
     config, extra_kwargs, hf_name = details["hf_config"], details["extra_kwargs"], details["hf_name"]
     io_dtype = builder.set_io_dtype(precision, execution_provider, options)
     onnx_dtype = builder.set_onnx_dtype(precision, options)
-    model = wide_model_class(builder.LlamaModel)(config, io_dtype, onnx_dtype, execution_provider, str(cache_dir),
-                                                  options, base_architecture=base_architecture)
+    wide_class = wide_model_class(builder_class(builder, base_architecture))
+    model = wide_class(config, io_dtype, onnx_dtype, execution_provider, str(cache_dir), options,
+                       base_architecture=base_architecture)
     model.make_model(str(model_dir))
     model.save_model(str(output_dir))
     model.make_genai_config(config, extra_kwargs, str(output_dir))

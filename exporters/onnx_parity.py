@@ -16,6 +16,7 @@ from exporters.onnx_model import _Loaded, left_padded_positions
 from exporters.onnx_session import ONNX_FILENAME, OnnxCausalLM, create_session
 from surgery.checkpoint import has_tokenizer
 from surgery.compat import output_cache, with_cache
+from surgery.modeling_wide import BASE_KEY
 
 # The bound, one rule for both dtypes: max |ONNX Runtime - PyTorch fp32| <= tolerance x max(1, max |logit|),
 # the largest |logit| (|value| for encoders) of PyTorch over the compared positions. fp32 rounding grows with
@@ -123,6 +124,30 @@ def relative_tolerance(dtype: str) -> float:
     return FP32_RELATIVE_TOLERANCE if dtype == "fp32" else FP16_RELATIVE_TOLERANCE
 
 
+def _tokenizer_config(directory: Path) -> Any:
+    """The config ``AutoTokenizer`` is given for ``directory``: None (it reads ``config.json`` itself), or for a
+    wide-block checkpoint (or its export) a bare ``PreTrainedConfig``.
+
+    ``AutoConfig`` cannot read a ``surgery_parallel`` config without the checkpoint's code (never run here), so
+    ``AutoTokenizer`` falls back to a bare config read from the same file, logging that a model of type
+    ``surgery_parallel`` instantiates one of type ``''``. Handing it the bare config directly gives the same
+    tokenizer without the warning: the class named in ``tokenizer_config.json``, as the user gets it with
+    ``trust_remote_code=True`` (the checkpoint's config class is in no tokenizer mapping). The base family's config
+    would not do: transformers substitutes the family's tokenizer class (Qwen 2's) for the one the files name.
+    """
+    import json
+
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        if isinstance(config, dict) and isinstance(config.get(BASE_KEY), str):
+            from transformers import PreTrainedConfig
+
+            bare = PreTrainedConfig()
+            bare.name_or_path = str(directory)  # as the fallback reads it (transformers matches some names)
+            return bare
+    return None
+
+
 def _prompts(directory: Path, vocab: int) -> list[list[int]]:
     """Two prompts of different lengths: real text when a tokenizer is there, else fixed random ids."""
     with contextlib.suppress(Exception):
@@ -133,7 +158,8 @@ def _prompts(directory: Path, vocab: int) -> list[list[int]]:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)  # best effort, never code
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), config=_tokenizer_config(directory),
+                                                      trust_remote_code=False)  # best effort, never code
         texts = ["The history of the printing press begins in the fifteenth century, when",
                  "def fibonacci(n):"]
         ids = [tokenizer(text)["input_ids"] for text in texts]

@@ -125,11 +125,16 @@ def greedy(model: Any, ids: torch.Tensor, new: int, *, use_cache: bool) -> torch
 def random_llama(config: Any, *, seed: int = 0, noise: float = 0.05) -> Any:
     """A ``LlamaForCausalLM`` of ``config`` (architectures set) with every parameter, biases included,
     moved off its initial value by Gaussian noise of std ``noise``, so no zero bias hides a path."""
+    return random_causal_lm(config, "LlamaForCausalLM", seed=seed, noise=noise)
+
+
+def random_causal_lm(config: Any, architecture: str, *, seed: int = 0, noise: float = 0.05) -> Any:
+    """:func:`random_llama` for any transformers causal-LM class (``Qwen2ForCausalLM``, ``MistralForCausalLM``)."""
     import transformers
 
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [architecture]
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    model = getattr(transformers, architecture)(config)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * noise)
