@@ -401,7 +401,8 @@ class _Scorer:
     positions; ``kl(base, candidate)`` runs ``candidate``'s positions from the first one that differs
     from ``base``, with that position's input taken from the record. With ``screen_windows``, the
     first batches hold that many windows spread over the calibration text, and
-    ``kl(..., screening=True)`` scores on those batches alone.
+    ``kl(..., screening=True)`` scores on those batches alone; a later full score of the same plan
+    reuses those batches' sums and runs only the others (summed in the same order: the same value).
     """
 
     def __init__(self, loaded: LoadedModel, arch: Architecture, windows: torch.Tensor, batch_size: int,
@@ -422,6 +423,8 @@ class _Scorer:
         self.references: list[_NextTokens] = []
         self.scratch = torch.empty(0)
         self.recorded: dict[str, list[list[torch.Tensor]]] = {}
+        self.screen_sums: dict[str, tuple[float, int]] = {}  # plan -> its screening batches' (KL sum, tokens)
+        self.parents: dict[str, Plan] = {}  # plan -> the plan it was scored from (its record's prefix)
         self.forward_tokens = 0
         stack = self.model.get_submodule(arch.module_path)
         states: list[list[torch.Tensor]] = []
@@ -438,7 +441,9 @@ class _Scorer:
         self.recorded[str(self.identity)] = states
 
     def base(self, plan: Plan) -> None:
-        """Record the stream entering each position of ``plan`` (once per plan)."""
+        """Record the stream entering each position of ``plan`` (once per plan); when the plan it was
+        scored from is still recorded, its positions before the first change are taken from that
+        record and only the rest run."""
         import torch
 
         from surgery.view import plan_view
@@ -446,21 +451,42 @@ class _Scorer:
         key = str(plan)
         if key in self.recorded:
             return
+        first, tail = 0, plan
+        parent = self.parents.get(key)
+        if parent is not None and str(parent) in self.recorded:
+            first, tail = self._tail(parent, plan)
+        before = self.recorded[str(parent)] if first else None
         states: list[list[torch.Tensor]] = []
-        with torch.inference_mode(), plan_view(self.model, plan) as model:
+        with torch.inference_mode(), plan_view(self.model, tail) as model:
             stack = model.get_submodule(self.arch.module_path)
-            for batch in self.batches:
-                with residual_stream(stack) as recorded:
+            for index, batch in enumerate(self.batches):
+                with _entering(stack[0], before[index][first] if before else None), residual_stream(stack) as recorded:
                     model(input_ids=batch, use_cache=False)
-                states.append(list(recorded))
+                # the parent's own tensor enters position ``first``: the same stream, whichever hook ran first
+                states.append([*before[index][: first + 1], *recorded[1:]] if before else list(recorded))
                 self.forward_tokens += int(batch.numel())
         self.recorded[key] = states
 
     def forget(self, keep: list[Plan]) -> None:
-        """Drop the records of every plan but ``keep`` (and the original's)."""
+        """Drop the records of every plan but ``keep`` (and the original's), and the screening sums."""
         wanted = {str(p) for p in keep} | {str(self.identity)}
         for key in [k for k in self.recorded if k not in wanted]:
             del self.recorded[key]
+        self.screen_sums.clear()
+        self.parents = {key: plan for key, plan in self.parents.items() if key in wanted}
+
+    def _tail(self, base: Plan, candidate: Plan) -> tuple[int, Plan]:
+        """The first position where ``candidate`` differs from ``base``, and ``candidate`` from there on
+        (0 and all of it when the tail cannot run alone: a position-dependent setting)."""
+        old, new = _unrolled(base), _unrolled(candidate)
+        first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+        first = min(first, len(new) - 1)  # the last position at least runs, so the tail is a plan
+        tail = Plan(tuple(new[first:]), self.num_layers)
+        try:
+            self.arch.check_plan(tail)
+        except SurgeryError:
+            return 0, candidate
+        return first, tail
 
     def kl(self, base: Plan, candidate: Plan, *, screening: bool = False) -> float:
         """KL(original || candidate) per token on the calibration windows (``screening``: on the screening
@@ -469,24 +495,29 @@ class _Scorer:
 
         from surgery.view import plan_view
 
-        old, new = _unrolled(base), _unrolled(candidate)
-        first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
-        first = min(first, len(new) - 1)  # the last position at least runs, so the tail is a plan
-        tail = Plan(tuple(new[first:]), self.num_layers)
-        try:
-            self.arch.check_plan(tail)
-        except SurgeryError:  # a position-dependent setting: the tail cannot run alone; run it all
-            first, tail = 0, candidate
+        first, tail = self._tail(base, candidate)
         states = self.recorded[str(base)]
-        used = self.screen_batches if screening and self.screen_batches else len(self.batches)
+        key = str(candidate)
+        self.parents[key] = base
         tally = _Tally()
+        skip = 0
+        if screening and self.screen_batches:
+            stop = self.screen_batches
+        else:
+            stop = len(self.batches)
+            if key in self.screen_sums:  # its screening batches are scored already: the same sums, in order
+                tally.kl, tally.tokens = self.screen_sums[key]
+                skip = self.screen_batches
         with torch.inference_mode(), plan_view(self.model, tail) as model:
             entry = model.get_submodule(self.arch.module_path)[0]
-            for batch, reference, recorded in zip(self.batches[:used], self.references[:used], states[:used], strict=True):
+            for batch, reference, recorded in zip(self.batches[skip:stop], self.references[skip:stop], states[skip:stop],
+                                                  strict=True):
                 with _entering(entry, recorded[first] if first else None):
                     logits = model(input_ids=batch, use_cache=False).logits
                 tally.add_causal(reference, logits, self.scratch)
                 self.forward_tokens += int(batch.numel())
+        if screening and self.screen_batches:
+            self.screen_sums[key] = (tally.kl, tally.tokens)
         return tally.kl / tally.tokens
 
 
@@ -705,15 +736,21 @@ def _greedy(scorer: _Scorer, arch: Architecture, to_layers: int, beam: int, allo
     """Remove one layer per step, keeping the ``beam`` lowest-KL plans (with screening, among the
     ``max(screen, beam)`` best on the screening windows; ``lazy``: screening only what
     :class:`_Lazy` cannot rule out); returns the candidates, the trace and the final step's
-    ``(kl, plan)`` sorted."""
+    ``(kl, plan)`` sorted.
+
+    With ``allow_parallel``, the ``beam`` best plans without a group are kept too when they are not
+    among the best: that plain line, extended by drops alone, is the search without groups that the
+    result is compared with (whether parallel won); only the best plans are also extended by merges.
+    """
     kept: list[Plan] = [scorer.identity]
+    plain_line: set[str] = set()  # kept only as the plain line: extended by drops alone
     candidates: list[ScoredCandidate] = []
     trace: list[ScoredCandidate] = []
     ranked: list[tuple[float, Plan]] = []
     for step in range(1, scorer.num_layers - to_layers + 1):
         seen: dict[str, tuple[str, Plan, Plan]] = {}
         for base in kept:
-            for change, plan in _moves(arch, base, allow_parallel):
+            for change, plan in _moves(arch, base, allow_parallel and str(base) not in plain_line):
                 if str(plan) not in seen and _allowed(arch, plan):
                     seen[str(plan)] = (change, plan, base)
         if not seen:
@@ -723,12 +760,17 @@ def _greedy(scorer: _Scorer, arch: Architecture, to_layers: int, beam: int, allo
         scored = _rank(scorer, progress, step, entries, max(screen, beam), allow_parallel, candidates, lazy)
         kept = [plan for _, _, plan, _ in scored[:beam]]
         if allow_parallel:  # the best plain plans stay too: their line is the search without groups, to compare
-            kept += [plan for _, _, plan, _ in [row for row in scored if not row[2].groups][:beam] if plan not in kept]
+            plain = [plan for _, _, plan, _ in [row for row in scored if not row[2].groups][:beam] if plan not in kept]
+            kept += plain
+            plain_line = {str(plan) for plan in plain}
         if lazy is not None:
             lazy.kept(kept)
         best_kl, best_text, best_plan, best_change = scored[0]
         trace.append(ScoredCandidate(step, best_change, best_text, len(best_plan), best_kl))
         ranked = [(kl, plan) for kl, _, plan, _ in scored]
+        if step < scorer.num_layers - to_layers:
+            for plan in kept:  # recorded from the plans they extend, before those records go
+                scorer.base(plan)
         scorer.forget(kept)
     return candidates, trace, ranked
 

@@ -158,6 +158,56 @@ def test_parallel_groups_are_measured_as_the_reference_and_the_plain_line_is_kep
     assert mixed.parallel_won == bool(mixed.plan.groups)
     assert any(c.change.startswith("merge") for c in mixed.candidates)
     assert "parallel  a plan with a group" in mixed.format()
+    for candidate in mixed.candidates:  # merges extend the best plan; the plain line grows by drops alone
+        if candidate.step > 1 and candidate.change.startswith("merge"):
+            best_before = Plan.from_ranges(mixed.trace[candidate.step - 2].plan, L)
+            assert set(Plan.from_ranges(candidate.plan, L).source_sequence()) == set(best_before.source_sequence())
+
+
+def test_scorer_reuses_screening_sums_and_parent_records_exactly(readable_tiny: Callable[[str], Path],
+                                                                 text_file: Path) -> None:
+    """A full score after a screening runs only the other batches, and a kept plan's record is run from
+    its first change on: both give exactly what running everything gives."""
+    from surgery.search import _Scorer
+    from surgery.view import live_architecture
+
+    path = readable_tiny("llama")
+    loaded = load_model(path, Settings(device="cpu", quiet=True))
+    arch = live_architecture(loaded.model)
+    settings = Settings(seq_len=64, max_tokens=512, device="cpu", quiet=True)
+    calibration, _ = split_windows(loaded, read_texts(text_file), settings, held_out=0.1, eval_tokens=128)
+    identity = Plan(tuple(range(L)), L)
+    one, two = Plan.drop("3", L), Plan.drop("1,3", L)
+
+    reusing, fresh = (_Scorer(loaded, arch, calibration, 2, screen_windows=2) for _ in range(2))
+    layers = loaded.model.get_submodule(arch.module_path)
+    calls = [0]
+    handles = [layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for layer in layers]
+    # 8 windows in 4 batches of 2, the first batch the screening one; dropping layer 3 changes position 3 on
+    try:
+        screened = reusing.kl(identity, one, screening=True)
+        calls[0] = 0
+        full = reusing.kl(identity, one)
+        assert calls[0] == 3 * 2  # the 3 other batches, through the tail (layers 4 and 5)
+        calls[0] = 0
+        assert full == fresh.kl(identity, one)  # bit for bit
+        assert calls[0] == 4 * 2
+        assert screened != full  # the sums were the screening batch's only
+        calls[0] = 0
+        reusing.base(one)  # positions 0-2 from the original's record
+        assert calls[0] == 4 * 2
+        calls[0] = 0
+        fresh.parents.clear()
+        fresh.base(one)  # no parent known: every position runs
+        assert calls[0] == 4 * 5
+    finally:
+        for handle in handles:
+            handle.remove()
+    for ours, theirs in zip(reusing.recorded[str(one)], fresh.recorded[str(one)], strict=True):
+        assert len(ours) == len(theirs) == len(one) + 1
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
+    assert reusing.kl(one, two) == fresh.kl(one, two)
 
 
 def test_screening_order_spreads_the_screening_windows_and_keeps_every_window() -> None:
