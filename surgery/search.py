@@ -39,7 +39,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -422,12 +422,13 @@ class _Scorer:
         self.batches = [batch.to(device) for part in parts for batch in part.split(batch_size)]
         self.references: list[_NextTokens] = []
         self.scratch = torch.empty(0)
-        self.recorded: dict[str, list[list[torch.Tensor]]] = {}
+        # plan -> per batch, the stream entering each position (None: a batch not recorded yet)
+        self.recorded: dict[str, list[list[torch.Tensor] | None]] = {}
         self.screen_sums: dict[str, tuple[float, int]] = {}  # plan -> its screening batches' (KL sum, tokens)
         self.parents: dict[str, Plan] = {}  # plan -> the plan it was scored from (its record's prefix)
         self.forward_tokens = 0
         stack = self.model.get_submodule(arch.module_path)
-        states: list[list[torch.Tensor]] = []
+        states: list[list[torch.Tensor] | None] = []
         with torch.inference_mode():
             for batch in self.batches:
                 with residual_stream(stack) as recorded:
@@ -441,31 +442,38 @@ class _Scorer:
         self.recorded[str(self.identity)] = states
 
     def base(self, plan: Plan) -> None:
-        """Record the stream entering each position of ``plan`` (once per plan); when the plan it was
-        scored from is still recorded, its positions before the first change are taken from that
-        record and only the rest run."""
+        """Record the stream entering each position of ``plan`` (once per plan; batches a full
+        score of ``plan`` recorded already are kept); when the plan it was scored from is still
+        recorded, its positions before the first change are taken from that record and only the
+        rest run."""
         import torch
 
         from surgery.view import plan_view
 
         key = str(plan)
-        if key in self.recorded:
+        states = self.recorded.get(key)
+        missing = [index for index, state in enumerate(states or [None] * len(self.batches)) if state is None]
+        if not missing:
             return
         first, tail = 0, plan
         parent = self.parents.get(key)
         if parent is not None and str(parent) in self.recorded:
             first, tail = self._tail(parent, plan)
         before = self.recorded[str(parent)] if first else None
-        states: list[list[torch.Tensor]] = []
+        filled: list[list[torch.Tensor] | None] = list(states) if states else [None] * len(self.batches)
         with torch.inference_mode(), plan_view(self.model, tail) as model:
             stack = model.get_submodule(self.arch.module_path)
-            for index, batch in enumerate(self.batches):
-                with _entering(stack[0], before[index][first] if before else None), residual_stream(stack) as recorded:
-                    model(input_ids=batch, use_cache=False)
-                # the parent's own tensor enters position ``first``: the same stream, whichever hook ran first
-                states.append([*before[index][: first + 1], *recorded[1:]] if before else list(recorded))
-                self.forward_tokens += int(batch.numel())
-        self.recorded[key] = states
+            for index in missing:
+                prefix = before[index] if before else None
+                with _entering(stack[0], prefix[first] if prefix else None), residual_stream(stack) as recorded:
+                    model(input_ids=self.batches[index], use_cache=False)
+                filled[index] = _joined(prefix, first, recorded)
+                self.forward_tokens += int(self.batches[index].numel())
+        self.recorded[key] = filled
+
+    def drop_record(self, plan: Plan) -> None:
+        """Free ``plan``'s record (a candidate the step will not keep)."""
+        self.recorded.pop(str(plan), None)
 
     def forget(self, keep: list[Plan]) -> None:
         """Drop the records of every plan but ``keep`` (and the original's), and the screening sums."""
@@ -488,9 +496,11 @@ class _Scorer:
             return 0, candidate
         return first, tail
 
-    def kl(self, base: Plan, candidate: Plan, *, screening: bool = False) -> float:
+    def kl(self, base: Plan, candidate: Plan, *, screening: bool = False, record: bool = False) -> float:
         """KL(original || candidate) per token on the calibration windows (``screening``: on the screening
-        windows only); ``base`` must be recorded."""
+        windows only); ``base`` must be recorded. ``record`` (a full score): keep the stream of the
+        batches it runs as ``candidate``'s record, so that recording it as a base later runs only the
+        rest (:meth:`drop_record` when it is not needed)."""
         import torch
 
         from surgery.view import plan_view
@@ -508,17 +518,33 @@ class _Scorer:
             if key in self.screen_sums:  # its screening batches are scored already: the same sums, in order
                 tally.kl, tally.tokens = self.screen_sums[key]
                 skip = self.screen_batches
+        record = record and not (screening and self.screen_batches)
+        states_of_candidate: list[list[torch.Tensor] | None] = [None] * len(self.batches)
         with torch.inference_mode(), plan_view(self.model, tail) as model:
-            entry = model.get_submodule(self.arch.module_path)[0]
-            for batch, reference, recorded in zip(self.batches[skip:stop], self.references[skip:stop], states[skip:stop],
-                                                  strict=True):
-                with _entering(entry, recorded[first] if first else None):
-                    logits = model(input_ids=batch, use_cache=False).logits
-                tally.add_causal(reference, logits, self.scratch)
-                self.forward_tokens += int(batch.numel())
+            stack = model.get_submodule(self.arch.module_path)
+            for index in range(skip, stop):
+                prefix = states[index]
+                assert prefix is not None  # base(): every batch of a recorded plan is filled
+                recording: AbstractContextManager[list[torch.Tensor]] = (
+                    residual_stream(stack) if record else nullcontext([]))
+                with _entering(stack[0], prefix[first] if first else None), recording as recorded:
+                    logits = model(input_ids=self.batches[index], use_cache=False).logits
+                tally.add_causal(self.references[index], logits, self.scratch)
+                if record:
+                    states_of_candidate[index] = _joined(prefix if first else None, first, recorded)
+                self.forward_tokens += int(self.batches[index].numel())
+        if record and key not in self.recorded:
+            self.recorded[key] = states_of_candidate
         if screening and self.screen_batches:
             self.screen_sums[key] = (tally.kl, tally.tokens)
         return tally.kl / tally.tokens
+
+
+def _joined(prefix: list[torch.Tensor] | None, first: int, recorded: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A plan's stream on one batch: the plan it extends' record up to position ``first`` (None: no
+    prefix, the tail ran from the start) and what its tail recorded after that. The parent's own
+    tensor enters position ``first``: the same stream, whichever hook ran first."""
+    return [*prefix[: first + 1], *recorded[1:]] if prefix is not None else list(recorded)
 
 
 @contextmanager
@@ -689,7 +715,7 @@ class _Lazy:
 
 
 def _rank(scorer: _Scorer, progress: _Progress, step: int, entries: list[Entry], shortlist: int,
-          plain_too: bool, candidates: list[ScoredCandidate], lazy: _Lazy | None = None) -> list[Row]:
+          plain_too: bool, candidates: list[ScoredCandidate], lazy: _Lazy | None = None, keep: int = 1) -> list[Row]:
     """Score ``entries`` (change, plan, the plan it extends) and append them to ``candidates``; returns
     the rows scored on all the calibration windows, lowest KL first.
 
@@ -720,8 +746,17 @@ def _rank(scorer: _Scorer, progress: _Progress, step: int, entries: list[Entry],
     full: dict[str, float] = {}
     for _, plan, base in chosen:
         scorer.base(base)
-        full[str(plan)] = kl = scorer.kl(base, plan)
+        full[str(plan)] = kl = scorer.kl(base, plan, record=True)
         progress.scored(plan, kl)
+        # a full score records the candidate's stream (the kept plan is then a base at a quarter of
+        # the cost); only the plans the step can still keep hold on to theirs
+        scored_now = sorted((full[str(entry[1])], str(entry[1]), entry[1]) for entry in chosen if str(entry[1]) in full)
+        keepable = {text for _, text, _ in scored_now[:keep]}
+        if plain_too:
+            keepable |= {text for _, text, _ in [row for row in scored_now if not row[2].groups][:keep]}
+        for _, text, candidate in scored_now:
+            if text not in keepable:
+                scorer.drop_record(candidate)
     for change, plan, _ in entries:
         text = str(plan)
         candidates.append(ScoredCandidate(step, change, text, len(plan), full.get(text), screen_kl=screen_kl.get(text)))
@@ -757,7 +792,7 @@ def _greedy(scorer: _Scorer, arch: Architecture, to_layers: int, beam: int, allo
             raise OptionError(f"no plan of {len(kept[0]) - 1} layers can be reached from {kept[0]} on this model",
                               hint="choose another --to-layers or --method")
         entries = [entry for base in kept for entry in seen.values() if entry[2] is base]  # one base at a time
-        scored = _rank(scorer, progress, step, entries, max(screen, beam), allow_parallel, candidates, lazy)
+        scored = _rank(scorer, progress, step, entries, max(screen, beam), allow_parallel, candidates, lazy, beam)
         kept = [plan for _, _, plan, _ in scored[:beam]]
         if allow_parallel:  # the best plain plans stay too: their line is the search without groups, to compare
             plain = [plan for _, _, plan, _ in [row for row in scored if not row[2].groups][:beam] if plan not in kept]

@@ -179,7 +179,7 @@ def test_scorer_reuses_screening_sums_and_parent_records_exactly(readable_tiny: 
     identity = Plan(tuple(range(L)), L)
     one, two = Plan.drop("3", L), Plan.drop("1,3", L)
 
-    reusing, fresh = (_Scorer(loaded, arch, calibration, 2, screen_windows=2) for _ in range(2))
+    reusing, fresh, recording = (_Scorer(loaded, arch, calibration, 2, screen_windows=2) for _ in range(3))
     layers = loaded.model.get_submodule(arch.module_path)
     calls = [0]
     handles = [layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for layer in layers]
@@ -200,14 +200,59 @@ def test_scorer_reuses_screening_sums_and_parent_records_exactly(readable_tiny: 
         fresh.parents.clear()
         fresh.base(one)  # no parent known: every position runs
         assert calls[0] == 4 * 5
+        recording.kl(identity, one, screening=True)
+        calls[0] = 0
+        assert recording.kl(identity, one, record=True) == full  # a full score that records as it runs
+        assert calls[0] == 3 * 2
+        calls[0] = 0
+        recording.base(one)  # only the screening batch is left to record
+        assert calls[0] == 1 * 2
+        calls[0] = 0
+        recording.base(one)  # complete: nothing runs
+        assert calls[0] == 0
     finally:
         for handle in handles:
             handle.remove()
-    for ours, theirs in zip(reusing.recorded[str(one)], fresh.recorded[str(one)], strict=True):
-        assert len(ours) == len(theirs) == len(one) + 1
-        for a, b in zip(ours, theirs, strict=True):
-            assert torch.equal(a, b)
-    assert reusing.kl(one, two) == fresh.kl(one, two)
+    for scorer in (reusing, recording):
+        for ours, theirs in zip(scorer.recorded[str(one)], fresh.recorded[str(one)], strict=True):
+            assert ours is not None and theirs is not None
+            assert len(ours) == len(theirs) == len(one) + 1
+            for a, b in zip(ours, theirs, strict=True):
+                assert torch.equal(a, b)
+    assert reusing.kl(one, two) == fresh.kl(one, two) == recording.kl(one, two)
+
+
+def test_full_scores_keep_only_the_records_the_step_can_keep(readable_tiny: Callable[[str], Path],
+                                                              text_file: Path) -> None:
+    """Every full score records its candidate as it runs; only the best (and, with parallel groups,
+    the best plain) plan keeps its record, complete after its screening batches are added."""
+    from surgery.search import _Progress, _rank, _Scorer
+    from surgery.view import live_architecture
+
+    loaded = load_model(readable_tiny("llama"), Settings(device="cpu", quiet=True))
+    arch = live_architecture(loaded.model)
+    settings = Settings(seq_len=64, max_tokens=512, device="cpu", quiet=True)
+    calibration, _ = split_windows(loaded, read_texts(text_file), settings, held_out=0.1, eval_tokens=128)
+    scorer = _Scorer(loaded, arch, calibration, 2, screen_windows=2)
+    identity = scorer.identity
+    entries = [(f"drop {i}", Plan.drop(str(i), L), identity) for i in range(L)]
+    entries.append(("merge [2-3]", Plan((0, 1, ParallelGroup((2, 3)), 4, 5), L), identity))
+    rows = _rank(scorer, _Progress(True, "test", N), 1, entries, L + 1, True, [], keep=1)
+    best_plain = next(row for row in rows if not row[2].groups)
+    assert set(scorer.recorded) == {str(identity), rows[0][1], best_plain[1]}
+    assert all(batch is not None for batch in scorer.recorded[rows[0][1]])  # no screening ran: all batches
+    scorer = _Scorer(loaded, arch, calibration, 2, screen_windows=2)
+    rows = _rank(scorer, _Progress(True, "test", N), 1, entries, 2, False, [], keep=1)  # screened: 2 re-scored
+    assert set(scorer.recorded) == {str(identity), rows[0][1]}
+    best = rows[0][2]
+    record = scorer.recorded[str(best)]
+    assert record is not None and [batch is None for batch in record] == [True] + [False] * (len(record) - 1)
+    scorer.base(best)  # the screening batch is added
+    fresh = _Scorer(loaded, arch, calibration, 2, screen_windows=2)
+    fresh.base(best)
+    for ours, theirs in zip(scorer.recorded[str(best)], fresh.recorded[str(best)], strict=True):
+        assert ours is not None and theirs is not None
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_screening_order_spreads_the_screening_windows_and_keeps_every_window() -> None:
@@ -475,10 +520,10 @@ def test_ctrl_c_prints_the_best_plan_so_far_and_writes_nothing(
     measured: list[tuple[str, float]] = []
     original = module._Scorer.kl
 
-    def interrupted_after_eight(self: Any, base: Plan, candidate: Plan) -> float:
+    def interrupted_after_eight(self: Any, base: Plan, candidate: Plan, **options: bool) -> float:
         if len(measured) == 8:  # the 6 plans of step 1, then 2 of step 2
             raise KeyboardInterrupt
-        kl = original(self, base, candidate)
+        kl = original(self, base, candidate, **options)
         measured.append((str(candidate), kl))
         return kl
 
@@ -495,7 +540,7 @@ def test_ctrl_c_prints_the_best_plan_so_far_and_writes_nothing(
     with pytest.raises(SearchInterrupted) as caught:  # the API: the exception carries the plan
         search(readable_tiny("llama"), N, data=text_file, **FAST)
     assert caught.value.complete is False and str(caught.value.plan) == best_plan
-    monkeypatch.setattr(module._Scorer, "kl", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(module._Scorer, "kl", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(SearchInterrupted) as caught:
         search(readable_tiny("llama"), N, data=text_file, **FAST)
     assert caught.value.plan is None
