@@ -251,7 +251,7 @@ def export_onnx_graph(
     model: str | Path | None,
     out: str | Path,
     *,
-    graph: str = "auto",
+    graph: str = "surgery",
     dtype: str = "fp32",
     validate: bool = True,
     device: str = "cpu",
@@ -266,8 +266,9 @@ def export_onnx_graph(
     Args:
         model: a checkpoint, model directory, ``.gguf`` file or Hub id (None: the embedded default model).
         out: the ONNX directory to create.
-        graph: ``builder``, ``surgery`` or ``auto`` (the builder when it can take the model and its graph
-            passes validation, else surgery's).
+        graph: ``surgery`` (the default, as the CLI's ``--graph``: the graph that also passes the
+            left-padded batch checks), ``builder``, or ``auto`` (the builder when it can take the model
+            and its graph passes validation, else surgery's).
         dtype: ``fp32`` (``fp16``: surgery's graph only).
         validate: compare ONNX Runtime with PyTorch before writing.
         device: where validation runs; also the builder's execution provider (``cpu`` or ``cuda``).

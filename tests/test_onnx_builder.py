@@ -10,6 +10,7 @@ the validation prompt is 71 characters).
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -149,6 +150,8 @@ def test_auto_takes_the_builder_and_default_stays_surgery(tiny16: tuple[Path, An
     assert report["graph"] == "surgery" and report["graph_reason"] == "the default (--graph surgery)"
     assert report["nodes"] > 5 * json.loads((tmp_path / "auto" / "onnx-export.json").read_text())["nodes"]
     assert "GroupQueryAttention" not in report["op_types"]
+    # the Python function defaults to the CLI's graph
+    assert inspect.signature(onnx_builder.export_onnx_graph).parameters["graph"].default == "surgery"
 
 
 def test_auto_takes_the_builder_for_a_wide_llama(tiny16: tuple[Path, Any], tmp_path: Path,
