@@ -38,7 +38,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Unpack
@@ -446,10 +446,6 @@ class _Scorer:
         score of ``plan`` recorded already are kept); when the plan it was scored from is still
         recorded, its positions before the first change are taken from that record and only the
         rest run."""
-        import torch
-
-        from surgery.view import plan_view
-
         key = str(plan)
         states = self.recorded.get(key)
         missing = [index for index, state in enumerate(states or [None] * len(self.batches)) if state is None]
@@ -459,16 +455,10 @@ class _Scorer:
         parent = self.parents.get(key)
         if parent is not None and str(parent) in self.recorded:
             first, tail = self._tail(parent, plan)
-        before = self.recorded[str(parent)] if first else None
         filled: list[list[torch.Tensor] | None] = list(states) if states else [None] * len(self.batches)
-        with torch.inference_mode(), plan_view(self.model, tail) as model:
-            stack = model.get_submodule(self.arch.module_path)
-            for index in missing:
-                prefix = before[index] if before else None
-                with _entering(stack[0], prefix[first] if prefix else None), residual_stream(stack) as recorded:
-                    model(input_ids=self.batches[index], use_cache=False)
-                filled[index] = _joined(prefix, first, recorded)
-                self.forward_tokens += int(self.batches[index].numel())
+        before = self.recorded[str(parent)] if first else None
+        for index, _, stream in self._run_tail(tail, first, before, missing, record=True):
+            filled[index] = stream
         self.recorded[key] = filled
 
     def drop_record(self, plan: Plan) -> None:
@@ -501,10 +491,6 @@ class _Scorer:
         windows only); ``base`` must be recorded. ``record`` (a full score): keep the stream of the
         batches it runs as ``candidate``'s record, so that recording it as a base later runs only the
         rest (:meth:`drop_record` when it is not needed)."""
-        import torch
-
-        from surgery.view import plan_view
-
         first, tail = self._tail(base, candidate)
         states = self.recorded[str(base)]
         key = str(candidate)
@@ -520,24 +506,35 @@ class _Scorer:
                 skip = self.screen_batches
         record = record and not (screening and self.screen_batches)
         states_of_candidate: list[list[torch.Tensor] | None] = [None] * len(self.batches)
-        with torch.inference_mode(), plan_view(self.model, tail) as model:
-            stack = model.get_submodule(self.arch.module_path)
-            for index in range(skip, stop):
-                prefix = states[index]
-                assert prefix is not None  # base(): every batch of a recorded plan is filled
-                recording: AbstractContextManager[list[torch.Tensor]] = (
-                    residual_stream(stack) if record else nullcontext([]))
-                with _entering(stack[0], prefix[first] if first else None), recording as recorded:
-                    logits = model(input_ids=self.batches[index], use_cache=False).logits
-                tally.add_causal(self.references[index], logits, self.scratch)
-                if record:
-                    states_of_candidate[index] = _joined(prefix if first else None, first, recorded)
-                self.forward_tokens += int(self.batches[index].numel())
+        for index, output, stream in self._run_tail(tail, first, states, range(skip, stop), record=record):
+            tally.add_causal(self.references[index], output.logits, self.scratch)
+            states_of_candidate[index] = stream
         if record and key not in self.recorded:
             self.recorded[key] = states_of_candidate
         if screening and self.screen_batches:
             self.screen_sums[key] = (tally.kl, tally.tokens)
         return tally.kl / tally.tokens
+
+    def _run_tail(self, tail: Plan, first: int, before: list[list[torch.Tensor] | None] | None, indices: Iterable[int],
+                  *, record: bool) -> Iterator[tuple[int, Any, list[torch.Tensor] | None]]:
+        """Run ``tail`` (a plan's positions from ``first`` on) on each batch of ``indices``, its input at
+        ``first`` taken from ``before`` (the record of the plan it extends; unused when ``first`` is 0);
+        yields each batch's index, the model's output and (``record``) the plan's whole stream on it."""
+        import torch
+
+        from surgery.view import plan_view
+
+        with torch.inference_mode(), plan_view(self.model, tail) as model:
+            stack = model.get_submodule(self.arch.module_path)
+            for index in indices:
+                prefix = before[index] if first and before is not None else None
+                assert prefix is not None or not first  # base() fills every batch of a plan a tail extends
+                recording: AbstractContextManager[list[torch.Tensor]] = (
+                    residual_stream(stack) if record else nullcontext([]))
+                with _entering(stack[0], prefix[first] if prefix is not None else None), recording as recorded:
+                    output = model(input_ids=self.batches[index], use_cache=False)
+                self.forward_tokens += int(self.batches[index].numel())
+                yield index, output, _joined(prefix, first, recorded) if record else None
 
 
 def _joined(prefix: list[torch.Tensor] | None, first: int, recorded: list[torch.Tensor]) -> list[torch.Tensor]:
