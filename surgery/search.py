@@ -747,19 +747,30 @@ def _rank(scorer: _Scorer, progress: _Progress, step: int, entries: list[Entry],
         progress.scored(plan, kl)
         # a full score records the candidate's stream (the kept plan is then a base at a quarter of
         # the cost); only the plans the step can still keep hold on to theirs
-        scored_now = sorted((full[str(entry[1])], str(entry[1]), entry[1]) for entry in chosen if str(entry[1]) in full)
-        keepable = {text for _, text, _ in scored_now[:keep]}
-        if plain_too:
-            keepable |= {text for _, text, _ in [row for row in scored_now if not row[2].groups][:keep]}
-        for _, text, candidate in scored_now:
+        scored_now = _sorted_rows([(full[str(other)], str(other), other, change) for change, other, _ in chosen
+                                  if str(other) in full])
+        keepable = {str(p) for p in _kept(scored_now, keep, plain_too)}
+        for _, text, candidate, _ in scored_now:
             if text not in keepable:
                 scorer.drop_record(candidate)
     for change, plan, _ in entries:
         text = str(plan)
         candidates.append(ScoredCandidate(step, change, text, len(plan), full.get(text), screen_kl=screen_kl.get(text)))
-    rows = [(full[str(plan)], str(plan), plan, change) for change, plan, _ in chosen]
-    rows.sort(key=lambda row: (row[0], row[1]))
-    return rows
+    return _sorted_rows([(full[str(plan)], str(plan), plan, change) for change, plan, _ in chosen])
+
+
+def _sorted_rows(rows: list[Row]) -> list[Row]:
+    """``rows`` lowest KL first (ties: by the plan's text)."""
+    return sorted(rows, key=lambda row: (row[0], row[1]))
+
+
+def _kept(rows: list[Row], beam: int, plain_too: bool) -> list[Plan]:
+    """The plans a step keeps from ``rows`` (sorted): the ``beam`` best and (``plain_too``) the ``beam``
+    best without a group, when they are not among those."""
+    kept = [plan for _, _, plan, _ in rows[:beam]]
+    if plain_too:
+        kept += [plan for _, _, plan, _ in [row for row in rows if not row[2].groups][:beam] if plan not in kept]
+    return kept
 
 
 def _greedy(scorer: _Scorer, arch: Architecture, to_layers: int, beam: int, allow_parallel: bool, screen: int,
@@ -790,11 +801,9 @@ def _greedy(scorer: _Scorer, arch: Architecture, to_layers: int, beam: int, allo
                               hint="choose another --to-layers or --method")
         entries = [entry for base in kept for entry in seen.values() if entry[2] is base]  # one base at a time
         scored = _rank(scorer, progress, step, entries, max(screen, beam), allow_parallel, candidates, lazy, beam)
-        kept = [plan for _, _, plan, _ in scored[:beam]]
-        if allow_parallel:  # the best plain plans stay too: their line is the search without groups, to compare
-            plain = [plan for _, _, plan, _ in [row for row in scored if not row[2].groups][:beam] if plan not in kept]
-            kept += plain
-            plain_line = {str(plan) for plan in plain}
+        # with allow_parallel the best plain plans stay too: their line is the search without groups, to compare
+        kept = _kept(scored, beam, allow_parallel)
+        plain_line = {str(plan) for plan in kept[min(beam, len(scored)):]}
         if lazy is not None:
             lazy.kept(kept)
         best_kl, best_text, best_plan, best_change = scored[0]
