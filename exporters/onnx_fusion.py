@@ -1,0 +1,206 @@
+"""Fuse a traced decoder graph into ONNX Runtime's kernels: fewer, bigger nodes for the same arithmetic.
+
+A traced decoder layer is ~70 small nodes (RMSNorm as Pow/ReduceMean/Sqrt, rotary as Slice/Neg/Concat,
+attention with the grouped key/value heads expanded); a decode step of batch 1 spends a sizeable share of its
+time in the executor between them. This pass rewrites each layer into ONNX Runtime's contrib operators, as
+onnxruntime-genai's model builder writes them, keeping what surgery's graph promises (a left-padded batch,
+``position_ids`` as an input, the cache layout ``[batch, kv_heads, length, head_dim]``):
+
+* ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` for RMSNorm and the residual add
+  before it (onnxscript's fusions);
+* ``RotaryEmbedding`` for the rotary embedding of queries and keys, reading ``position_ids`` and a cos/sin
+  cache that is the model's own rotary module evaluated at every position (so any rope scaling it applies
+  is in the cache);
+* ``GroupQueryAttention`` for attention: the new keys/values are appended to the past inside the kernel,
+  the grouped heads are never expanded, and the model's own additive mask (causal and padding) is its
+  ``attention_bias``, so a left-padded batch stays exact. ``seqlens_k`` is the whole length for every row
+  and ``total_sequence_length`` the attention mask's length: with onnxruntime-genai's share buffer the
+  kernel then writes the new keys into the buffer in place.
+
+The rewrite applies only where the whole layer matches; anything else keeps its traced form, and the
+export's parity check against PyTorch judges the result as it judges any graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate (not executable) fused ops
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    """What the pass did: fused operator counts, and why attention was left unfused (empty when fused)."""
+
+    counts: dict[str, int]
+    reason: str
+
+    @property
+    def attention_fused(self) -> bool:
+        return self.counts.get("GroupQueryAttention", 0) > 0
+
+
+def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(cos, sin)`` of shape ``[max_positions, head_dim / 2]`` from the model's single rotary module, or None.
+
+    The module is run at positions ``0 .. max_position_embeddings - 1``; a module whose halves differ (not
+    ``cat(freqs, freqs)``) or a head size it does not cover gives None.
+    """
+    import torch
+
+    rotaries = [module for name, module in model.named_modules() if name.endswith("rotary_emb")]
+    config = model.config.get_text_config()
+    positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if len(rotaries) != 1 or positions <= 0:
+        return None
+    probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
+    with torch.no_grad():
+        try:
+            cos, sin = rotaries[0](probe, torch.arange(positions)[None])
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    cos, sin = cos[0].float().numpy(), sin[0].float().numpy()
+    half = head_dim // 2
+    if cos.shape != (positions, head_dim) or not (np.array_equal(cos[:, :half], cos[:, half:])
+                                                   and np.array_equal(sin[:, :half], sin[:, half:])):
+        return None
+    return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
+
+
+def _rule_class() -> type:
+    import onnx_ir as ir
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    class GroupQueryAttentionWithBias(pattern.RewriteRuleClassBase):
+        """Rotary + past concat + grouped-head expansion + SDPA of one layer -> RotaryEmbedding x2 + GQA."""
+
+        def __init__(self, cos: Any, sin: Any, position_ids: Any, seqlens_k: Any, total_length: Any,
+                     sources: tuple[Any, Any]) -> None:
+            super().__init__("GroupQueryAttentionWithBias", remove_nodes=False)
+            self.cos_cache, self.sin_cache = cos, sin
+            self.cos_source, self.sin_source = sources
+            self.position_ids, self.seqlens_k, self.total_length = position_ids, seqlens_k, total_length
+
+        def pattern(self, op: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, past_key: Any,
+                    past_value: Any, cos: Any, sin: Any, mask: Any) -> Any:
+            query = op.Transpose(op.Reshape(query_BSD, pattern.ANY_VALUE, _outputs=["query_BSHDh"]), perm=[0, 2, 1, 3])
+            key = op.Transpose(op.Reshape(key_BSDkv, pattern.ANY_VALUE, _outputs=["key_BSHkvDh"]), perm=[0, 2, 1, 3])
+            value = op.Transpose(op.Reshape(value_BSDkv, pattern.ANY_VALUE), perm=[0, 2, 1, 3])
+            query_rope = op.RotaryEmbedding(query, cos, sin, _domain=_FUSION_DOMAIN, _outputs=["query_rope"])
+            key_rope = op.RotaryEmbedding(key, cos, sin, _domain=_FUSION_DOMAIN, _outputs=["key_rope"])
+            present_key = op.Concat(past_key, key_rope, axis=-2)
+            present_value = op.Concat(past_value, value, axis=-2)
+            key_all = op.Reshape(op.Expand(op.Unsqueeze(present_key, [2]), pattern.ANY_VALUE), pattern.ANY_VALUE)
+            value_all = op.Reshape(op.Expand(op.Unsqueeze(present_value, [2]), pattern.ANY_VALUE), pattern.ANY_VALUE)
+            attention = op.SDPA(query_rope, key_all, value_all, mask, key_format="BHSd", _domain=_FUSION_DOMAIN,
+                                _outputs=["attention"])
+            attention_BSD = op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
+            return attention_BSD, present_key, present_value
+
+        def check(self, context: Any, query_BSHDh: Any, key_BSHkvDh: Any, cos: Any, sin: Any, mask: Any,
+                  query_rope: Any, key_rope: Any, attention: Any, past_key: Any, **_: Any) -> Any:
+            result = pattern.MatchResult()
+            if cos is not self.cos_source or sin is not self.sin_source:
+                return result.fail("rotary cos/sin other than the model's single rotary module's", [cos, sin])
+            for rope in (query_rope, key_rope):
+                if rope.producer().attributes.get_int("interleaved", 0) != 0:
+                    return result.fail("interleaved rotary", rope)
+            heads, kv_heads = _ir_utils.get_dim(query_BSHDh, 2), _ir_utils.get_dim(key_BSHkvDh, 2)
+            head_dim = _ir_utils.get_dim(query_BSHDh, 3)
+            if not all(isinstance(d, int) for d in (heads, kv_heads, head_dim)) or heads % kv_heads:
+                return result.fail("head counts not static", [query_BSHDh, key_BSHkvDh])
+            if mask is None or mask.dtype != ir.DataType.FLOAT:
+                return result.fail("no additive float mask", mask)
+            if not past_key.is_graph_input():
+                return result.fail("past key is not a graph input", past_key)
+            self._heads, self._kv_heads = int(heads), int(kv_heads)
+            self._scale = attention.producer().attributes.get_float("scale", None)
+            return True
+
+        def rewrite(self, op: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, past_key: Any,
+                    past_value: Any, mask: Any, **_: Any) -> Any:
+            query = op.RotaryEmbedding(query_BSD, self.position_ids, self.cos_cache, self.sin_cache,
+                                       num_heads=self._heads, interleaved=0, _domain="com.microsoft")
+            key = op.RotaryEmbedding(key_BSDkv, self.position_ids, self.cos_cache, self.sin_cache,
+                                     num_heads=self._kv_heads, interleaved=0, _domain="com.microsoft")
+            attributes: dict[str, Any] = {"num_heads": self._heads, "kv_num_heads": self._kv_heads}
+            if self._scale is not None:
+                attributes["scale"] = self._scale
+            return op.GroupQueryAttention(query, key, value_BSDkv, past_key, past_value, self.seqlens_k,
+                                          self.total_length, None, None, None, mask, **attributes,
+                                          _domain="com.microsoft", _outputs=3)
+
+    return GroupQueryAttentionWithBias
+
+
+def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None) -> FusionReport:
+    """Rewrite the decoder graph ``model`` (an ``onnx_ir.Model``, traced by surgery) in place.
+
+    Args:
+        model: The traced graph, with inputs ``input_ids``, ``attention_mask``, ``position_ids`` and the past.
+        cache: :func:`rotary_cache` of the model, or None (attention and rotary are then left unfused).
+
+    Returns:
+        A :class:`FusionReport`.
+    """
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter import pattern
+    from onnxscript.rewriter.ort_fusions import _core
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
+    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    graph = model.graph
+    _core._pre_optimize(model)
+    fuse_rms_normalization(model)
+    fuse_skip_rms_normalization(model)
+    reason = ""
+    if cache is None:
+        reason = "the model has no single rotary module with a cos/sin cache"
+    else:
+        fuse_rotary_embedding(model)
+        common.CommonSubexpressionEliminationPass()(model)
+        fuse_sdpa(model, apply_shape_inference=True)
+        ropes = [node for node in graph if node.op_type == "RotaryEmbedding" and node.domain == _FUSION_DOMAIN]
+        sources = {(node.inputs[1], node.inputs[2]) for node in ropes}
+        if len(sources) != 1:
+            reason = f"{len(sources)} rotary cos/sin sources in the graph (expected 1)"
+        else:
+            inputs = {value.name: value for value in graph.inputs}
+
+            def initializer(name: str, array: np.ndarray) -> Any:
+                value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                                 const_value=ir.tensor(array.astype(np.float32), name=name))
+                graph.register_initializer(value)
+                return value
+
+            cos_cache, sin_cache = initializer("rotary.cos_cache", cache[0]), initializer("rotary.sin_cache", cache[1])
+            total64 = ir.node("Shape", [inputs["attention_mask"]], {"start": 1, "end": 2}, name="gqa.total_length64")
+            batch = ir.node("Shape", [inputs["attention_mask"]], {"start": 0, "end": 1}, name="gqa.batch")
+            total32 = ir.node("Cast", [total64.outputs[0]], {"to": ir.DataType.INT32}, name="gqa.total_length32")
+            one = ir.Value(name="gqa.one", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT32),
+                           const_value=ir.tensor(np.array([1], dtype=np.int32), name="gqa.one"))
+            graph.register_initializer(one)
+            last = ir.node("Sub", [total32.outputs[0], one], name="gqa.last_index")
+            seqlens = ir.node("Expand", [last.outputs[0], batch.outputs[0]], name="gqa.seqlens_k")
+            total = ir.node("Squeeze", [total32.outputs[0]], name="gqa.total_sequence_length")
+            graph.extend([total64, batch, total32, last, seqlens, total])
+            rule = _rule_class().rule(cos_cache, sin_cache, inputs["position_ids"], seqlens.outputs[0],
+                                      total.outputs[0], next(iter(sources)))
+            count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
+            if count != len(ropes) // 2:
+                reason = f"{count} of {len(ropes) // 2} attention layers matched"
+            graph.sort()
+    optimize(model)  # inlines the fused functions no rule consumed, drops what the rewrite left unused
+    common.RemoveUnusedNodesPass()(model)
+    counts: dict[str, int] = {}
+    for node in graph:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return FusionReport(counts, reason)
