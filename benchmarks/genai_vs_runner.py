@@ -11,6 +11,8 @@ What it measures
       onnxruntime-genai (its ``Generator``, CPU provider) on the plain export with its dynamic cache and on
       the ``--share-buffer`` export with ``past_present_share_buffer`` true (one static buffer per
       past/present pair, ``max_length`` = prompt + decode + 1, as short as the run allows);
+    * unless ``--no-traced``: the same checkpoint exported with ``--no-fuse`` (surgery's graph as traced, without
+      ONNX Runtime's fused operators: the baseline of :mod:`exporters.onnx_fusion`), run in both engines;
     * unless ``--no-builder``: the same checkpoint exported with the reference builder's graph
       (``export_onnx_graph(..., graph="builder")``, i.e. ``export-onnx --graph builder``: onnxruntime-genai's
       model builder, fp32, GroupQueryAttention), run in onnxruntime-genai with the builder's own
@@ -84,17 +86,19 @@ BANDWIDTH_AIM = 0.80
 WIDE_GROUPS = "10-11,12-13"
 
 
-def export(source: Path, workdir: Path, name: str, drop: str | None, share_buffer: bool, int4: bool = False) -> Path:
+def export(source: Path, workdir: Path, name: str, drop: str | None, share_buffer: bool, int4: bool = False,
+           fuse: bool = True) -> Path:
     """The ONNX directory of the model (pruned first with ``drop``), written once into the work directory."""
     checkpoint = source if drop is None else workdir / name
-    onnx_dir = workdir / f"{name}-onnx{'-share' if share_buffer else ''}{'-int4' if int4 else ''}"
+    onnx_dir = workdir / f"{name}-onnx{'-share' if share_buffer else ''}{'-int4' if int4 else ''}{'' if fuse else '-traced'}"
     if drop is not None and not (checkpoint / "config.json").exists():
         surgery.prune(source, checkpoint, drop=drop, quiet=True)
     if not (onnx_dir / "genai_config.json").exists():
-        flags = (" --share-buffer" if share_buffer else "") + (" --quantize int4" if int4 else "")
+        flags = (" --share-buffer" if share_buffer else "") + (" --quantize int4" if int4 else "") + \
+            ("" if fuse else " --no-fuse")
         sys.stderr.write(f"exporting {name} to ONNX{flags} (validated)...\n")
         export_onnx(checkpoint, onnx_dir, quiet=True, force=True, share_buffer=share_buffer,
-                    quantize="int4" if int4 else None)
+                    quantize="int4" if int4 else None, fuse=fuse)
     return onnx_dir
 
 
@@ -227,6 +231,8 @@ def main() -> None:
     parser.add_argument("--no-int4", action="store_true", help="leave out the --quantize int4 export")
     parser.add_argument("--no-builder", action="store_true", help="leave out the reference builder's export")
     parser.add_argument("--no-wide", action="store_true", help="leave out the wide-block model")
+    parser.add_argument("--no-traced", action="store_true",
+                        help="leave out surgery's traced graph (--no-fuse), the fused graph's baseline")
     args = parser.parse_args()
     if (problem := genai_problem()) is not None:
         sys.exit(problem)
@@ -246,6 +252,7 @@ def main() -> None:
         checkpoint = source if drop is None else workdir / short
         plain, shared = (export(source, workdir, short, drop, share) for share in (False, True))
         int4 = None if args.no_int4 else export(source, workdir, short, drop, False, int4=True)
+        traced = None if args.no_traced else export(source, workdir, short, drop, False, fuse=False)
         builder = None
         if not args.no_builder:
             builder, why_not = export_builder_graph(checkpoint, workdir, short)
@@ -262,6 +269,10 @@ def main() -> None:
                                         layers, fp32_bytes, "runner")
         engines["genai share"] = genai_engine(shared, args.threads, True, "onnxruntime-genai, share buffer",
                                               "--share-buffer", layers, fp32_bytes, "runner")
+        if traced is not None:
+            engines["runner, traced"] = runner_engine(traced, args.threads, "--no-fuse", fp32_bytes, "runner")
+            engines["genai traced"] = genai_engine(traced, args.threads, False, "onnxruntime-genai, dynamic cache",
+                                                   "--no-fuse", layers, fp32_bytes, "runner")
         if builder is not None:
             engines["runner, builder"] = runner_engine(builder, args.threads, "--graph builder", fp32_bytes, "runner")
             engines["genai builder"] = genai_engine(builder, args.threads, None, "onnxruntime-genai, builder's config",
@@ -347,6 +358,13 @@ def main() -> None:
             print(f"{name}, surgery's runner on surgery's export against onnxruntime-genai on the builder's (the "
                   f"reference as shipped): {best:.2f}x ({mid:.2f}x), target >= {BUILDER_TARGET:.2f}x: "
                   f"{verdict(best, BUILDER_TARGET)}")
+        for fused_key, traced_key, engine_name in (("runner", "runner, traced", "surgery's runner"),
+                                                   ("genai", "genai traced", "onnxruntime-genai")):
+            if traced_key in engines:
+                best, mid = ratio(engines[fused_key], engines[traced_key])
+                print(f"{name}, {engine_name}: surgery's fused graph {max(engines[fused_key].speeds):.1f} tok/s "
+                      f"against its traced graph (--no-fuse) {max(engines[traced_key].speeds):.1f}: {best:.2f}x "
+                      f"({mid:.2f}x)")
         for fp32_key, int4_key, engine_name in (("runner", "runner, int4", "surgery's runner"),
                                                 ("genai", "genai int4", "onnxruntime-genai")):
             if int4_key in engines:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exporters.onnx_fusion import FusionReport
 from exporters.onnx_genai import write_genai_config
 
 # The ``X as X`` imports are re-exports: names tests, benchmarks and users import from this module.
@@ -74,6 +75,8 @@ class OnnxExportResult:
         export_seconds: time spent tracing and writing the graph.
         share_buffer: the graph fills onnxruntime-genai's share buffer (``--share-buffer``).
         quantization: what ``--quantize`` did and measured (None: a float export).
+        fusion: decoders: which ONNX Runtime fused operators the graph uses and why attention was left
+            unfused, if it was (None: encoders, or ``fuse=False``).
     """
 
     out: Path
@@ -89,6 +92,7 @@ class OnnxExportResult:
     export_seconds: float
     share_buffer: bool = False
     quantization: QuantizationReport | None = None
+    fusion: FusionReport | None = None
 
     def summary(self) -> str:
         """What ``surgery export-onnx`` prints."""
@@ -102,6 +106,8 @@ class OnnxExportResult:
             f"inputs: {', '.join(shown_inputs)}",
             f"outputs: {', '.join(shown_outputs)}",
         ]
+        if self.fusion is not None:
+            lines.append(self.fusion.format())
         lines.append(self.validation.format() if self.validation else "validation skipped (--no-validate)")
         if self.quantization is not None:
             lines.append(self.quantization.format())
@@ -118,6 +124,7 @@ class OnnxExportResult:
             "export_seconds": round(self.export_seconds, 2), "share_buffer": self.share_buffer,
             "validation": self.validation.to_dict() if self.validation else None,
             "quantization": self.quantization.to_dict() if self.quantization else None,
+            "fusion": self.fusion.to_dict() if self.fusion else None,
         }
 
 
@@ -160,6 +167,7 @@ def export_onnx(
     symmetric: bool = True,
     quantize_lm_head: bool = True,
     max_kl: float | None = None,
+    fuse: bool = True,
 ) -> OnnxExportResult:
     """Export a model to an ONNX directory: the graph (KV cache for decoders), config, generation config,
     tokenizer and, for decoders, ``genai_config.json`` (onnxruntime-genai serves the directory as is); then
@@ -190,6 +198,8 @@ def export_onnx(
         symmetric: int4 with a scale per block (True) or uint4 with a zero point too (False).
         quantize_lm_head: quantise the projection to the vocabulary too (True, as onnxruntime-genai's builder).
         max_kl: with ``quantize``, fail (nothing written) when KL(PyTorch fp32 || int4) is above this.
+        fuse: decoders: rewrite the traced graph into ONNX Runtime's fused operators (RMSNorm, rotary,
+            GroupQueryAttention with the model's mask; :mod:`exporters.onnx_fusion`); False keeps the traced form.
 
     Returns:
         The :class:`OnnxExportResult`, with the validation report.
@@ -218,7 +228,7 @@ def export_onnx(
     return export_source(source, out, dtype=dtype, opset=opset, validate=validate, device=device, force=force,
                          trust_remote_code=trust_remote_code, share_buffer=share_buffer, quantize=quantize,
                          block_size=block_size, symmetric=symmetric, quantize_lm_head=quantize_lm_head, max_kl=max_kl,
-                         quiet=quiet)
+                         quiet=quiet, fuse=fuse)
 
 
 def export_source(
@@ -226,7 +236,7 @@ def export_source(
     device: str = "cpu", force: bool = False, trust_remote_code: bool = False, share_buffer: bool = False,
     quantize: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = True,
     quantize_lm_head: bool = True, max_kl: float | None = None, quiet: bool = True,
-    graph_reason: str = "the default (--graph surgery)",
+    graph_reason: str = "the default (--graph surgery)", fuse: bool = True,
 ) -> OnnxExportResult:
     """:func:`export_onnx` on an opened source, with no check that ``out`` lies outside it (``--onnx``
     writes into ``OUT/onnx`` of the checkpoint it just wrote).
@@ -241,7 +251,7 @@ def export_source(
     loaded = _load(source.path, trust_remote_code)
     with staged_output(out, force=force) as staging:
         started = time.perf_counter()
-        inputs, outputs, external = _export_graph(loaded, staging / ONNX_FILENAME, dtype, opset, share_buffer)
+        inputs, outputs, external, fusion = _export_graph(loaded, staging / ONNX_FILENAME, dtype, opset, share_buffer, fuse)
         export_seconds = time.perf_counter() - started
         _copy_beside(source, loaded, staging)  # before validation, which reads the tokenizer
         if loaded.kind == "decoder":  # onnxruntime-genai's model directory: the config beside the tokenizer
@@ -262,7 +272,7 @@ def export_source(
         result = OnnxExportResult(
             out=out, kind=loaded.kind, dtype=dtype, opset=opset, num_layers=len(loaded.cache) or _hidden_layers(loaded),
             inputs=inputs, outputs=outputs, files=files, external_data=external, validation=report,
-            export_seconds=export_seconds, share_buffer=share_buffer, quantization=quantization,
+            export_seconds=export_seconds, share_buffer=share_buffer, quantization=quantization, fusion=fusion,
         )
         body = {**result.to_dict(), "source": source.name, "versions": _versions()}
         if loaded.kind == "decoder":  # each cache layer's KV heads (a wide block's K x H_kv among H_kv)

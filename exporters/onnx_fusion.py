@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate (not executable) fused ops
+MIN_ROTARY_POSITIONS = 4096  # the cos/sin cache's least length (positions), whatever the config says
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+_FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+              "GroupQueryAttention", "QuickGelu")
 
 
 @dataclass(frozen=True)
@@ -40,22 +44,36 @@ class FusionReport:
 
     @property
     def attention_fused(self) -> bool:
-        return self.counts.get("GroupQueryAttention", 0) > 0
+        return self.counts.get("GroupQueryAttention", 0) > 0 and not self.reason
+
+    def format(self) -> str:
+        """One line for the export's summary."""
+        if not self.counts:
+            return f"fused operators: none ({self.reason})"
+        fused = ", ".join(f"{count} {op}" for op, count in sorted(self.counts.items()))
+        return f"fused operators: {fused}" + (f" (attention left unfused: {self.reason})" if self.reason else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"operators": dict(sorted(self.counts.items())), "attention_fused": self.attention_fused,
+                "reason": self.reason}
 
 
 def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(cos, sin)`` of shape ``[max_positions, head_dim / 2]`` from the model's single rotary module, or None.
+    """``(cos, sin)`` of shape ``[positions, head_dim / 2]`` from the model's single rotary module, or None.
 
-    The module is run at positions ``0 .. max_position_embeddings - 1``; a module whose halves differ (not
-    ``cat(freqs, freqs)``) or a head size it does not cover gives None.
+    The module is run at positions ``0 .. positions - 1``, ``positions`` being ``max_position_embeddings`` and
+    at least ``MIN_ROTARY_POSITIONS`` (ONNX Runtime's ``RotaryEmbedding`` refuses a position past its cache, while
+    ``transformers`` computes any). None when there is not exactly one module named ``rotary_emb``, when its
+    frequencies depend on the sequence's length (``dynamic``, ``longrope``: one cache cannot hold them), or when
+    its halves differ (not ``cat(freqs, freqs)``) or it does not cover ``head_dim``.
     """
     import torch
 
     rotaries = [module for name, module in model.named_modules() if name.endswith("rotary_emb")]
-    config = model.config.get_text_config()
-    positions = int(getattr(config, "max_position_embeddings", 0) or 0)
-    if len(rotaries) != 1 or positions <= 0:
+    if len(rotaries) != 1 or getattr(rotaries[0], "rope_type", "default") in _LENGTH_DEPENDENT_ROPE:
         return None
+    config = model.config.get_text_config()
+    positions = max(int(getattr(config, "max_position_embeddings", 0) or 0), MIN_ROTARY_POSITIONS)
     probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
     with torch.no_grad():
         try:
@@ -70,7 +88,7 @@ def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | N
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 
 
-def _rule_class() -> type:
+def _rule_classes() -> tuple[type, type]:
     import onnx_ir as ir
     from onnxscript.rewriter import _ir_utils, pattern
 
@@ -86,8 +104,14 @@ def _rule_class() -> type:
 
         def pattern(self, op: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, past_key: Any,
                     past_value: Any, cos: Any, sin: Any, mask: Any) -> Any:
-            query = op.Transpose(op.Reshape(query_BSD, pattern.ANY_VALUE, _outputs=["query_BSHDh"]), perm=[0, 2, 1, 3])
-            key = op.Transpose(op.Reshape(key_BSDkv, pattern.ANY_VALUE, _outputs=["key_BSHkvDh"]), perm=[0, 2, 1, 3])
+            query_BSHDh = op.Reshape(query_BSD, pattern.ANY_VALUE, _outputs=["query_BSHDh"])
+            key_BSHkvDh = op.Reshape(key_BSDkv, pattern.ANY_VALUE, _outputs=["key_BSHkvDh"])
+            # Qwen 3 and its kin normalise each head's query and key (RMSNorm over head_dim) before the rotary.
+            query_normed = op.SimplifiedLayerNormalization(query_BSHDh, pattern.ANY_VALUE, axis=-1,
+                                                           _outputs=["query_normed"])
+            key_normed = op.SimplifiedLayerNormalization(key_BSHkvDh, pattern.ANY_VALUE, axis=-1, _outputs=["key_normed"])
+            query = op.Transpose(pattern.OrValue([query_BSHDh, query_normed]), perm=[0, 2, 1, 3])
+            key = op.Transpose(pattern.OrValue([key_BSHkvDh, key_normed]), perm=[0, 2, 1, 3])
             value = op.Transpose(op.Reshape(value_BSDkv, pattern.ANY_VALUE), perm=[0, 2, 1, 3])
             query_rope = op.RotaryEmbedding(query, cos, sin, _domain=_FUSION_DOMAIN, _outputs=["query_rope"])
             key_rope = op.RotaryEmbedding(key, cos, sin, _domain=_FUSION_DOMAIN, _outputs=["key_rope"])
@@ -97,11 +121,13 @@ def _rule_class() -> type:
             value_all = op.Reshape(op.Expand(op.Unsqueeze(present_value, [2]), pattern.ANY_VALUE), pattern.ANY_VALUE)
             attention = op.SDPA(query_rope, key_all, value_all, mask, key_format="BHSd", _domain=_FUSION_DOMAIN,
                                 _outputs=["attention"])
-            attention_BSD = op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
+            attention_BSD = op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), pattern.ANY_VALUE,
+                                       _outputs=["attention_BSD"])
             return attention_BSD, present_key, present_value
 
-        def check(self, context: Any, query_BSHDh: Any, key_BSHkvDh: Any, cos: Any, sin: Any, mask: Any,
-                  query_rope: Any, key_rope: Any, attention: Any, past_key: Any, **_: Any) -> Any:
+        def check(self, context: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, query_BSHDh: Any,
+                  key_BSHkvDh: Any, cos: Any, sin: Any, mask: Any, query_rope: Any, key_rope: Any, attention: Any,
+                  attention_BSD: Any, past_key: Any, **_: Any) -> Any:
             result = pattern.MatchResult()
             if cos is not self.cos_source or sin is not self.sin_source:
                 return result.fail("rotary cos/sin other than the model's single rotary module's", [cos, sin])
@@ -112,8 +138,14 @@ def _rule_class() -> type:
             head_dim = _ir_utils.get_dim(query_BSHDh, 3)
             if not all(isinstance(d, int) for d in (heads, kv_heads, head_dim)) or heads % kv_heads:
                 return result.fail("head counts not static", [query_BSHDh, key_BSHkvDh])
-            if mask is None or mask.dtype != ir.DataType.FLOAT:
-                return result.fail("no additive float mask", mask)
+            # GroupQueryAttention reads and writes [batch, sequence, heads * head_dim]: the traced reshapes must
+            # be exactly that (a wide block reshapes its attention per branch instead, and is left as it is).
+            for value, width in ((query_BSD, heads), (key_BSDkv, kv_heads), (value_BSDkv, kv_heads),
+                                 (attention_BSD, heads)):
+                if value.shape is None or len(value.shape) != 3 or _ir_utils.get_dim(value, 2) != width * head_dim:
+                    return result.fail("not [batch, sequence, heads * head_dim]", value)
+            if mask is None or mask.dtype != self.cos_cache.dtype:
+                return result.fail("no additive mask of the graph's float type", mask)
             if not past_key.is_graph_input():
                 return result.fail("past key is not a graph input", past_key)
             self._heads, self._kv_heads = int(heads), int(kv_heads)
@@ -121,7 +153,13 @@ def _rule_class() -> type:
             return True
 
         def rewrite(self, op: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, past_key: Any,
-                    past_value: Any, mask: Any, **_: Any) -> Any:
+                    past_value: Any, mask: Any, query_BSHDh: Any, key_BSHkvDh: Any, query_normed: Any = None,
+                    key_normed: Any = None, **_: Any) -> Any:
+            flat = op.Constant(value_ints=[0, 0, -1])
+            if query_normed is not None:  # the per-head norm, then back to [batch, sequence, heads * head_dim]
+                query_BSD = op.Reshape(_renormed(op, query_BSHDh, query_normed), flat)
+            if key_normed is not None:
+                key_BSDkv = op.Reshape(_renormed(op, key_BSHkvDh, key_normed), flat)
             query = op.RotaryEmbedding(query_BSD, self.position_ids, self.cos_cache, self.sin_cache,
                                        num_heads=self._heads, interleaved=0, _domain="com.microsoft")
             key = op.RotaryEmbedding(key_BSDkv, self.position_ids, self.cos_cache, self.sin_cache,
@@ -133,15 +171,29 @@ def _rule_class() -> type:
                                           self.total_length, None, None, None, mask, **attributes,
                                           _domain="com.microsoft", _outputs=3)
 
-    return GroupQueryAttentionWithBias
+    def _renormed(op: Any, value: Any, normed: Any) -> Any:
+        node = normed.producer()
+        return op.SimplifiedLayerNormalization(value, node.inputs[1], **node.attributes)
+
+    class SiLU(pattern.RewriteRuleClassBase):
+        """``x * Sigmoid(x)`` -> ``QuickGelu(x, alpha=1)`` (ONNX Runtime's one-kernel SiLU, as the builder writes)."""
+
+        def pattern(self, op: Any, x: Any) -> Any:
+            return op.Mul(x, op.Sigmoid(x))
+
+        def rewrite(self, op: Any, x: Any) -> Any:
+            return op.QuickGelu(x, alpha=1.0, _domain="com.microsoft")
+
+    return GroupQueryAttentionWithBias, SiLU
 
 
-def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None) -> FusionReport:
+def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype: str = "fp32") -> FusionReport:
     """Rewrite the decoder graph ``model`` (an ``onnx_ir.Model``, traced by surgery) in place.
 
     Args:
         model: The traced graph, with inputs ``input_ids``, ``attention_mask``, ``position_ids`` and the past.
         cache: :func:`rotary_cache` of the model, or None (attention and rotary are then left unfused).
+        dtype: the graph's float type, ``fp32`` or ``fp16`` (the cos/sin cache is written in it).
 
     Returns:
         A :class:`FusionReport`.
@@ -154,6 +206,7 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None) -> Fus
     from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
     from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
     from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+    from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
     from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
     graph = model.graph
@@ -162,7 +215,8 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None) -> Fus
     fuse_skip_rms_normalization(model)
     reason = ""
     if cache is None:
-        reason = "the model has no single rotary module with a cos/sin cache"
+        reason = ("no single rotary module with a fixed cos/sin table (none, several, or frequencies that depend "
+                  "on the sequence length)")
     else:
         fuse_rotary_embedding(model)
         common.CommonSubexpressionEliminationPass()(model)
@@ -175,8 +229,9 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None) -> Fus
             inputs = {value.name: value for value in graph.inputs}
 
             def initializer(name: str, array: np.ndarray) -> Any:
-                value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                                 const_value=ir.tensor(array.astype(np.float32), name=name))
+                array = array.astype(np.float16 if dtype == "fp16" else np.float32)
+                value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                                 const_value=ir.tensor(array, name=name))
                 graph.register_initializer(value)
                 return value
 
@@ -191,16 +246,22 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None) -> Fus
             seqlens = ir.node("Expand", [last.outputs[0], batch.outputs[0]], name="gqa.seqlens_k")
             total = ir.node("Squeeze", [total32.outputs[0]], name="gqa.total_sequence_length")
             graph.extend([total64, batch, total32, last, seqlens, total])
-            rule = _rule_class().rule(cos_cache, sin_cache, inputs["position_ids"], seqlens.outputs[0],
+            rule = _rule_classes()[0].rule(cos_cache, sin_cache, inputs["position_ids"], seqlens.outputs[0],
                                       total.outputs[0], next(iter(sources)))
             count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
             if count != len(ropes) // 2:
-                reason = f"{count} of {len(ropes) // 2} attention layers matched"
+                reason = f"{count} of {len(ropes) // 2} attention layers matched the pattern (a wide block does not)"
             graph.sort()
+    if any(node.domain == _FUSION_DOMAIN and node.op_type == "SDPA" for node in graph):
+        replace_sdpa_by_mha(model)  # attention the rule did not take: ONNX Runtime's MultiHeadAttention, as onnxscript does
+    pattern.RewriteRuleSet([_rule_classes()[1].rule()]).apply_to_model(model)
     optimize(model)  # inlines the fused functions no rule consumed, drops what the rewrite left unused
     common.RemoveUnusedNodesPass()(model)
+    left = sorted({node.op_type for node in graph if node.domain == _FUSION_DOMAIN})
+    if left:
+        raise ValueError(f"onnxscript's intermediate operators {', '.join(left)} were left in the graph")
     counts: dict[str, int] = {}
     for node in graph:
-        if node.domain == "com.microsoft":
+        if node.op_type in _FUSED_OPS:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return FusionReport(counts, reason)

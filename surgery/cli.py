@@ -382,6 +382,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
         share_buffer=args.share_buffer, quantize=args.quantize,
         block_size=DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size,
         symmetric=not args.asymmetric, quantize_lm_head=not args.keep_lm_head, max_kl=args.max_kl,
+        fuse=not args.no_fuse,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
 
@@ -582,7 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "architectures), or auto: the builder when it takes the model, else surgery's (docs/onnx.md)")
     onx.add_argument("--share-buffer", action="store_true",
                      help="let the cache fill onnxruntime-genai's static past/present buffer (past_present_share_buffer "
-                     "true in genai_config.json); a step then copies the whole buffer")
+                     "true in genai_config.json)")
+    onx.add_argument("--no-fuse", action="store_true",
+                     help="surgery's graph as traced, without ONNX Runtime's fused operators (RMSNorm, rotary, "
+                     "GroupQueryAttention); slower, for debugging a fusion (docs/onnx.md)")
     quant = onx.add_argument_group("weight-only quantization (docs/onnx.md, 'int4')")
     quant.add_argument("--quantize", choices=("int4",),
                        help="after the float graph is validated, rewrite its weight MatMuls to ONNX Runtime's MatMulNBits "

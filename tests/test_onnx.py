@@ -423,7 +423,7 @@ def _assert_genai_config(directory: Path, model_dir: Path, trust_remote_code: bo
 def _assert_genai_greedy_equals_transformers(directory: Path, model: Any, prompt_ids: list[int]) -> list[int]:
     """onnxruntime-genai's greedy tokens on the export equal transformers' generate on the PyTorch model, with
     the dynamic cache and with the share buffer (one static buffer per past/present pair) when the export was
-    made for it (--share-buffer); without, the share buffer fails on the present's shape."""
+    made for it (--share-buffer); without, the share buffer fails (the graph takes the buffer for the past)."""
     import torch
 
     shared = json.loads((directory / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
@@ -438,7 +438,7 @@ def _assert_genai_greedy_equals_transformers(directory: Path, model: Any, prompt
     if shared:
         assert genai_greedy(directory, prompt_ids, GENAI_TOKENS, share_buffer=True) == expected
     else:
-        with pytest.raises(SurgeryError, match="present.0.key"):
+        with pytest.raises(SurgeryError, match="onnxruntime-genai cannot run it"):  # the past read as the buffer
             genai_greedy(directory, prompt_ids, GENAI_TOKENS, share_buffer=True)
     return expected
 

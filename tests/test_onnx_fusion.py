@@ -1,0 +1,154 @@
+"""Surgery's graph rewritten into ONNX Runtime's fused operators (exporters/onnx_fusion.py).
+
+Each export here runs the full validation against PyTorch (prefill, decode step, left-padded batch prefill
+and step, 16 greedy tokens against ``transformers`` generate) under the fp32 bound 2e-5 x max(1, max |logit|):
+the fused graph is held to what the traced graph is held to. The tests below check what the fusion did
+(which layers became which kernels) and that the traced graph and the fused one agree with each other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters.onnx import OnnxExportResult, export_onnx
+from exporters.onnx_fusion import MIN_ROTARY_POSITIONS, rotary_cache
+from exporters.onnx_runtime import OnnxCausalLM
+from surgery.cli import main
+
+NUM_LAYERS = 6
+
+
+def _op_types(directory: Path) -> Counter[str]:
+    return Counter(node.op_type for node in onnx.load(str(directory / "model.onnx"), load_external_data=False).graph.node)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., OnnxExportResult]:
+    """``exports("llama", fuse=False, share_buffer=True)`` -> a validated fp32 export, once per module."""
+    root = tmp_path_factory.mktemp("onnx-fusion")
+    done: dict[tuple[Any, ...], OnnxExportResult] = {}
+
+    def make(name: str, **options: Any) -> OnnxExportResult:
+        key = (name, *sorted(options.items()))
+        if key not in done:
+            out = root / "-".join([name, *(f"{k}={v}" for k, v in sorted(options.items()))])
+            done[key] = export_onnx(tiny_model(name), out, quiet=True, **options)
+            report = done[key].validation
+            assert report is not None and report.passed, report.format() if report else "no report"
+        return done[key]
+
+    return make
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral"])
+def test_every_layer_becomes_fused_kernels(exports: Callable[..., OnnxExportResult], name: str) -> None:
+    """Llama, Qwen 3 (per-head query/key norm kept as its own kernel) and Mistral: each layer's attention is one
+    GroupQueryAttention over the grouped heads, its rotary two RotaryEmbedding, its norms fused; the decomposed
+    pieces (Pow/ReduceMean RMSNorm, Neg/Concat rotary, the heads' Expand, Softmax) are gone."""
+    result = exports(name)
+    assert result.fusion is not None and result.fusion.attention_fused and result.fusion.reason == ""
+    ops = _op_types(result.out)
+    assert ops["GroupQueryAttention"] == NUM_LAYERS and ops["RotaryEmbedding"] == 2 * NUM_LAYERS
+    # layer 0's input norm has no residual before it; every other norm (the final one too) adds one first
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * NUM_LAYERS
+    assert ops["QuickGelu"] == NUM_LAYERS  # SiLU in one kernel
+    for decomposed in ("Pow", "ReduceMean", "Neg", "Softmax", "Sigmoid", "MultiHeadAttention"):
+        assert ops[decomposed] == 0, decomposed
+    assert ops["SimplifiedLayerNormalization"] == 1 + (2 * NUM_LAYERS if name == "qwen3" else 0)  # + q_norm, k_norm
+    saved = json.loads((result.out / "onnx-export.json").read_text())
+    assert saved["fusion"]["attention_fused"] and saved["fusion"]["operators"]["GroupQueryAttention"] == NUM_LAYERS
+
+
+def test_no_fuse_keeps_the_traced_graph_and_agrees_with_the_fused_one(exports: Callable[..., OnnxExportResult]) -> None:
+    """``fuse=False`` writes the traced graph (no contrib kernels); on a left-padded batch, prefill and a step
+    on each graph's own cache, the fused and traced graphs' logits agree to 2e-5 x max |logit|."""
+    fused, traced = exports("llama"), exports("llama", fuse=False)
+    assert traced.fusion is None and json.loads((traced.out / "onnx-export.json").read_text())["fusion"] is None
+    ops = _op_types(traced.out)
+    assert ops["GroupQueryAttention"] == 0 and ops["RotaryEmbedding"] == 0 and ops["Neg"] > 0
+    assert len(onnx.load(str(traced.out / "model.onnx")).graph.node) > 3 * len(onnx.load(str(fused.out / "model.onnx")).graph.node)
+    ids = np.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    positions = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1)
+    logits = []
+    for directory in (fused.out, traced.out):
+        lm = OnnxCausalLM.load(directory)
+        first, present = lm.forward(ids, mask, positions, lm.empty_cache(2))
+        step_mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+        second, _ = lm.forward(np.array([[9], [10]]), step_mask, positions[:, -1:] + 1, present)
+        logits.append((first[mask.astype(bool)], second))
+    for got, want in zip(logits[0], logits[1], strict=True):
+        assert np.abs(got - want).max() <= 2e-5 * max(1.0, float(np.abs(want).max()))
+
+
+def test_attention_left_unfused_says_why(exports: Callable[..., OnnxExportResult]) -> None:
+    """Gemma 3 has two rotary modules (local and global): no single cos/sin cache, so attention stays in its traced
+    form and the report says why; its norms are still fused and the export still passes validation."""
+    result = exports("gemma3")
+    assert result.fusion is not None and not result.fusion.attention_fused
+    assert "rotary" in result.fusion.reason
+    ops = _op_types(result.out)
+    assert ops["GroupQueryAttention"] == 0 and ops["RotaryEmbedding"] == 0
+    assert "attention left unfused" in result.summary()
+
+
+def test_rotary_cache_is_the_models_own_rotary(tiny_models: Callable[[str], Any]) -> None:
+    """The cos/sin cache is the model's rotary module at every position (first half of its cat(freqs, freqs)),
+    past max_position_embeddings (64 here) up to MIN_ROTARY_POSITIONS, where transformers computes them too; a
+    model with two rotary modules has none, nor has one whose frequencies depend on the length."""
+    model = tiny_models("llama")
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    cache = rotary_cache(model, head_dim)
+    assert cache is not None
+    cos, sin = cache
+    assert model.config.max_position_embeddings < MIN_ROTARY_POSITIONS
+    assert cos.shape == (MIN_ROTARY_POSITIONS, head_dim // 2)
+    positions = torch.tensor([[0, 3, 17, 100, MIN_ROTARY_POSITIONS - 1]])
+    want_cos, want_sin = model.model.rotary_emb(torch.zeros(1, 1, head_dim), positions)
+    np.testing.assert_array_equal(cos[positions[0]], want_cos[0, :, : head_dim // 2].numpy())
+    np.testing.assert_array_equal(sin[positions[0]], want_sin[0, :, : head_dim // 2].numpy())
+    assert rotary_cache(tiny_models("gemma3"), 8) is None
+    model.model.rotary_emb.rope_type = "dynamic"
+    try:
+        assert rotary_cache(model, head_dim) is None
+    finally:
+        model.model.rotary_emb.rope_type = "default"
+
+
+def test_share_buffer_reads_only_the_valid_past(exports: Callable[..., OnnxExportResult]) -> None:
+    """With --share-buffer, the fused graph's presents are GroupQueryAttention's (it appends in place); what else
+    read the past (its length, for the mask) reads its valid part, so a buffer longer than the past gives the
+    same logits as the past alone, and the present is the buffer's length."""
+    result = exports("llama", share_buffer=True)
+    lm = OnnxCausalLM.load(result.out, io_binding=False)
+    ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    _, present = lm.forward(ids, mask, np.arange(4)[None], lm.empty_cache(1))
+    step_mask = np.ones((1, 5), dtype=np.int64)
+    want, _ = lm.forward(np.array([[9]]), step_mask, np.array([[4]]), present)
+    buffers = [np.concatenate([p, np.full((1, p.shape[1], 6, p.shape[3]), 7.0, dtype=p.dtype)], axis=2) for p in present]
+    got, grown = lm.forward(np.array([[9]]), step_mask, np.array([[4]]), buffers)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert grown[0].shape[2] == 10  # the buffer's length; the new key written at position 4
+    np.testing.assert_allclose(grown[0][:, :, :4], present[0], rtol=0, atol=0)
+
+
+def test_cli_no_fuse(tiny_model: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``export-onnx`` prints the fused operators; ``--no-fuse`` writes the traced graph and says nothing of fusion."""
+    assert main(["export-onnx", str(tiny_model("llama")), str(tmp_path / "fused"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"fused operators: {NUM_LAYERS} GroupQueryAttention" in out and "attention left unfused" not in out
+    assert main(["export-onnx", str(tiny_model("llama")), str(tmp_path / "traced"), "--quiet", "--no-fuse"]) == 0
+    out = capsys.readouterr().out
+    assert "fused operators" not in out and "validation passed" in out
+    assert _op_types(tmp_path / "traced")["GroupQueryAttention"] == 0
+    assert _op_types(tmp_path / "fused")["GroupQueryAttention"] == NUM_LAYERS
