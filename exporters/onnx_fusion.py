@@ -88,8 +88,7 @@ def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | N
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 
 
-def _rule_classes() -> tuple[type, type]:
-    import onnx_ir as ir
+def _rule_classes() -> tuple[Any, Any]:
     from onnxscript.rewriter import _ir_utils, pattern
 
     class GroupQueryAttentionWithBias(pattern.RewriteRuleClassBase):
@@ -125,9 +124,11 @@ def _rule_classes() -> tuple[type, type]:
                                        _outputs=["attention_BSD"])
             return attention_BSD, present_key, present_value
 
-        def check(self, context: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, query_BSHDh: Any,
-                  key_BSHkvDh: Any, cos: Any, sin: Any, mask: Any, query_rope: Any, key_rope: Any, attention: Any,
-                  attention_BSD: Any, past_key: Any, **_: Any) -> Any:
+        # onnxscript binds the pattern's named values to check()'s parameters by name (its own rules do the same).
+        def check(  # type: ignore[override]
+                self, context: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, query_BSHDh: Any,
+                key_BSHkvDh: Any, cos: Any, sin: Any, mask: Any, query_rope: Any, key_rope: Any, attention: Any,
+                attention_BSD: Any, past_key: Any, **_: Any) -> Any:
             result = pattern.MatchResult()
             if cos is not self.cos_source or sin is not self.sin_source:
                 return result.fail("rotary cos/sin other than the model's single rotary module's", [cos, sin])
@@ -136,7 +137,8 @@ def _rule_classes() -> tuple[type, type]:
                     return result.fail("interleaved rotary", rope)
             heads, kv_heads = _ir_utils.get_dim(query_BSHDh, 2), _ir_utils.get_dim(key_BSHkvDh, 2)
             head_dim = _ir_utils.get_dim(query_BSHDh, 3)
-            if not all(isinstance(d, int) for d in (heads, kv_heads, head_dim)) or heads % kv_heads:
+            if not (isinstance(heads, int) and isinstance(kv_heads, int) and isinstance(head_dim, int)) \
+                    or heads % kv_heads:
                 return result.fail("head counts not static", [query_BSHDh, key_BSHkvDh])
             # GroupQueryAttention reads and writes [batch, sequence, heads * head_dim]: the traced reshapes must
             # be exactly that (a wide block reshapes its attention per branch instead, and is left as it is).
@@ -148,7 +150,7 @@ def _rule_classes() -> tuple[type, type]:
                 return result.fail("no additive mask of the graph's float type", mask)
             if not past_key.is_graph_input():
                 return result.fail("past key is not a graph input", past_key)
-            self._heads, self._kv_heads = int(heads), int(kv_heads)
+            self._heads, self._kv_heads = heads, kv_heads
             self._scale = attention.producer().attributes.get_float("scale", None)
             return True
 
