@@ -61,8 +61,12 @@ def _assert_decoder_layout(directory: Path, layers: int, elem_type: int = onnx.T
     assert _dims(inputs["attention_mask"]) == ["batch_size", "total_sequence_length"]
     past = _dims(inputs["past_key_values.0.key"])
     assert past[0] == "batch_size" and past[2] == "past_sequence_length" and isinstance(past[1], int)
-    present = _dims(outputs["present.0.key"])
-    assert present[0] == "batch_size" and isinstance(present[2], str) and "past_sequence_length" in present[2]
+    # with a share buffer every present is the buffer (its length: the past's); without one, past + sequence
+    shared = json.loads((directory / "onnx-export.json").read_text())["share_buffer"]
+    for i in range(layers):
+        present = _dims(outputs[f"present.{i}.key"])
+        assert present[0] == "batch_size" and isinstance(present[2], str), present
+        assert present[2] == "present_sequence_length" if shared else "past_sequence_length" in present[2], (i, present)
     assert _dims(outputs["logits"])[:2] == ["batch_size", "sequence_length"]
     assert inputs["past_key_values.0.key"].type.tensor_type.elem_type == elem_type
     for name in ("config.json", "generation_config.json", "onnx-export.json"):

@@ -54,7 +54,7 @@ def tiny_pair(readable_tiny: Callable[..., Path], tmp_path_factory: pytest.TempP
 
 def test_int4_rewrites_every_weight_matmul(tiny_pair: tuple[OnnxExportResult, OnnxExportResult]) -> None:
     """Every weight MatMul of the float graph becomes a MatMulNBits (4 bits, block 32, symmetric: no zero points);
-    attention's own MatMuls (no constant input) stay; the weights shrink to about 5 bits each."""
+    attention stays GroupQueryAttention; the weights shrink to about 5 bits each."""
     fp32, int4 = tiny_pair
     float_graph = onnx.load(str(fp32.out / "model.onnx"))
     graph = onnx.load(str(int4.out / "model.onnx"))
@@ -66,8 +66,12 @@ def test_int4_rewrites_every_weight_matmul(tiny_pair: tuple[OnnxExportResult, On
     assert {(a["bits"], a["block_size"], a["accuracy_level"]) for a in attributes} == {(4, 32, 4)}
     assert sorted((a["K"], a["N"]) for a in attributes) == sorted((k, n) for _, (k, n) in weights)
     assert all(len(node.input) == 3 for node in nodes)  # symmetric: A, B, scales; no zero point
-    plain = sum(node.op_type == "MatMul" for node in float_graph.graph.node) - len(weights)
-    assert sum(node.op_type == "MatMul" for node in graph.graph.node) == plain > 0  # attention's MatMuls
+    # attention's own MatMuls (no constant input) would stay; the fused graph has none left, GroupQueryAttention
+    # does them, and keeps doing them in the int4 graph
+    assert fp32.fusion is not None and fp32.fusion.attention_fused
+    assert sum(node.op_type == "MatMul" for node in float_graph.graph.node) == len(weights)
+    assert sum(node.op_type == "MatMul" for node in graph.graph.node) == 0
+    assert sum(node.op_type == "GroupQueryAttention" for node in graph.graph.node) == 6
     # The weights: int4 plus one fp32 scale per 32 rows is 5 bits a weight, against 32 (6.4x); padding K=48 to 64
     # (down_proj) costs a little.
     constants = {init.name: init for init in graph.graph.initializer}
