@@ -66,6 +66,21 @@ def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | N
     ``transformers`` computes any). None when there is not exactly one module named ``rotary_emb``, when its
     frequencies depend on the sequence's length (``dynamic``, ``longrope``: one cache cannot hold them), or when
     its halves differ (not ``cat(freqs, freqs)``) or it does not cover ``head_dim``.
+
+    Args:
+        model: A ``transformers`` decoder (the module tree is searched for ``rotary_emb``).
+        head_dim: The attention head size the cache must cover.
+
+    Returns:
+        ``(cos, sin)`` as float32 arrays ``[positions, head_dim // 2]``, or None (attention is then left unfused).
+
+    Example:
+        >>> import transformers
+        >>> config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        ...                                   intermediate_size=96, num_hidden_layers=1, vocab_size=64)
+        >>> cos, sin = rotary_cache(transformers.LlamaForCausalLM(config), head_dim=16)
+        >>> cos.shape
+        (4096, 8)
     """
     import torch
 
@@ -198,7 +213,17 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype:
         dtype: the graph's float type, ``fp32`` or ``fp16`` (the cos/sin cache is written in it).
 
     Returns:
-        A :class:`FusionReport`.
+        A :class:`FusionReport`: the fused operators' counts, and why attention was left unfused (empty if it was not).
+
+    Raises:
+        ValueError: onnxscript's intermediate operators were left in the graph (a fusion half-applied); the
+            caller turns it into ``OnnxExportError`` naming ``--no-fuse``.
+
+    Example:
+        >>> import onnx_ir  # doctest: +SKIP
+        >>> model = onnx_ir.load("traced/model.onnx")  # doctest: +SKIP
+        >>> fuse_decoder(model, cache=None).format()  # doctest: +SKIP
+        'fused operators: 12 SkipSimplifiedLayerNormalization, ... (attention left unfused: no single rotary ...)'
     """
     import onnx_ir as ir
     import onnx_ir.passes.common as common
