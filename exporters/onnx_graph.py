@@ -353,15 +353,15 @@ def _share_buffer_ready(graph: Any) -> bool:
         for user, index in list(past.uses()):  # e.g. the past length read from its shape: the valid part's
             if user is not view and user is not tail:
                 user.replace_input_with(index, view.outputs[0])
-        _rename_dim(present, 2, "present_sequence_length")  # the buffer's length, or past + sequence without one
         added += [view, full, tail]
     for present, past in kernels:
         view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
         for user, index in list(past.uses()):
             if user is not present.producer() and user is not view:
                 user.replace_input_with(index, view.outputs[0])
-        _rename_dim(present, 2, "present_sequence_length")  # the buffer's length, or past + sequence without one
         added.append(view)
+    for present in graph.outputs[1:]:  # every present, either kind: the buffer's length, or past + sequence without one
+        _rename_dim(present, 2, "present_sequence_length")
     graph.extend(added)
     graph.sort()
     return True

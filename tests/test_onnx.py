@@ -66,7 +66,7 @@ def _assert_decoder_layout(directory: Path, layers: int, elem_type: int = onnx.T
     for i in range(layers):
         present = _dims(outputs[f"present.{i}.key"])
         assert present[0] == "batch_size" and isinstance(present[2], str), present
-        assert present[2] == "present_sequence_length" if shared else "past_sequence_length" in present[2], (i, present)
+        assert (present[2] == "present_sequence_length") if shared else ("past_sequence_length" in present[2]), (i, present)
     assert _dims(outputs["logits"])[:2] == ["batch_size", "sequence_length"]
     assert inputs["past_key_values.0.key"].type.tensor_type.elem_type == elem_type
     for name in ("config.json", "generation_config.json", "onnx-export.json"):
