@@ -30,6 +30,8 @@ import numpy as np
 
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate (not executable) fused ops
 MIN_ROTARY_POSITIONS = 4096  # the cos/sin cache's least length (positions), whatever the config says
+# ONNX Runtime's GroupQueryAttention rotates inside (do_rotary) only heads whose size is a multiple of 16.
+ROTARY_INSIDE_HEAD_MULTIPLE = 16
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 _FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
               "GroupQueryAttention", "QuickGelu")
@@ -41,6 +43,8 @@ class FusionReport:
 
     counts: dict[str, int]
     reason: str
+    rotary_inside: int = 0  # GroupQueryAttention kernels that apply the rotary themselves (at cache slots)
+    packed_qkv: int = 0  # of those, how many read one packed [q | k | v] projection
 
     @property
     def attention_fused(self) -> bool:
@@ -51,11 +55,13 @@ class FusionReport:
         if not self.counts:
             return f"fused operators: none ({self.reason})"
         fused = ", ".join(f"{count} {op}" for op, count in sorted(self.counts.items()))
-        return f"fused operators: {fused}" + (f" (attention left unfused: {self.reason})" if self.reason else "")
+        inside = (f"; rotary inside attention in {self.rotary_inside}, packed QKV in {self.packed_qkv}"
+                  if self.rotary_inside else "")
+        return f"fused operators: {fused}{inside}" + (f" (attention left unfused: {self.reason})" if self.reason else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"operators": dict(sorted(self.counts.items())), "attention_fused": self.attention_fused,
-                "reason": self.reason}
+                "rotary_inside_attention": self.rotary_inside, "packed_qkv": self.packed_qkv, "reason": self.reason}
 
 
 def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -165,13 +171,22 @@ def _rule_classes() -> tuple[Any, Any]:
                 return result.fail("no additive mask of the graph's float type", mask)
             if not past_key.is_graph_input():
                 return result.fail("past key is not a graph input", past_key)
-            self._heads, self._kv_heads = heads, kv_heads
+            self._heads, self._kv_heads, self._head_dim = heads, kv_heads, head_dim
             self._scale = attention.producer().attributes.get_float("scale", None)
             return True
 
         def rewrite(self, op: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, past_key: Any,
                     past_value: Any, mask: Any, query_BSHDh: Any, key_BSHkvDh: Any, query_normed: Any = None,
                     key_normed: Any = None, **_: Any) -> Any:
+            attributes: dict[str, Any] = {"num_heads": self._heads, "kv_num_heads": self._kv_heads}
+            if self._scale is not None:
+                attributes["scale"] = self._scale
+            if query_normed is None and key_normed is None and self._head_dim % ROTARY_INSIDE_HEAD_MULTIPLE == 0:
+                # Rotary inside the kernel, at each token's cache slot (see the module's docstring).
+                return op.GroupQueryAttention(query_BSD, key_BSDkv, value_BSDkv, past_key, past_value, self.seqlens_k,
+                                              self.total_length, self.cos_cache, self.sin_cache, None, mask,
+                                              **attributes, do_rotary=1, rotary_interleaved=0,
+                                              _domain="com.microsoft", _outputs=3)
             flat = op.Constant(value_ints=[0, 0, -1])
             if query_normed is not None:  # the per-head norm, then back to [batch, sequence, heads * head_dim]
                 query_BSD = op.Reshape(_renormed(op, query_BSHDh, query_normed), flat)
@@ -181,9 +196,6 @@ def _rule_classes() -> tuple[Any, Any]:
                                        num_heads=self._heads, interleaved=0, _domain="com.microsoft")
             key = op.RotaryEmbedding(key_BSDkv, self.position_ids, self.cos_cache, self.sin_cache,
                                      num_heads=self._kv_heads, interleaved=0, _domain="com.microsoft")
-            attributes: dict[str, Any] = {"num_heads": self._heads, "kv_num_heads": self._kv_heads}
-            if self._scale is not None:
-                attributes["scale"] = self._scale
             return op.GroupQueryAttention(query, key, value_BSDkv, past_key, past_value, self.seqlens_k,
                                           self.total_length, None, None, None, mask, **attributes,
                                           _domain="com.microsoft", _outputs=3)
@@ -202,6 +214,76 @@ def _rule_classes() -> tuple[Any, Any]:
             return op.QuickGelu(x, alpha=1.0, _domain="com.microsoft")
 
     return GroupQueryAttentionWithBias, SiLU
+
+
+def _projection(value: Any) -> tuple[Any, Any, np.ndarray, np.ndarray | None] | None:
+    """``value = x @ W (+ b)`` with constant ``W`` (2-D) and ``b`` (1-D), read only by its one consumer:
+    ``(x, W's value, W, b)``, else None."""
+    if value is None or len(value.uses()) != 1 or value.is_graph_output():
+        return None
+    node, bias = value.producer(), None
+    if node is not None and node.op_type == "Add" and node.domain == "":
+        constants = [v for v in node.inputs if v is not None and v.const_value is not None]
+        if len(constants) != 1 or len(constants[0].const_value.shape) != 1:
+            return None
+        bias = constants[0].const_value.numpy()
+        (value,) = [v for v in node.inputs if v is not constants[0]]
+        if value is None or len(value.uses()) != 1:
+            return None
+        node = value.producer()
+    if node is None or node.op_type != "MatMul" or node.domain != "":
+        return None
+    weight = node.inputs[1]
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+        return None
+    return node.inputs[0], weight, weight.const_value.numpy(), bias
+
+
+def _pack_qkv(graph: Any) -> int:
+    """Give each ``GroupQueryAttention`` that rotates inside one packed ``[q | k | v]`` projection (a single
+    MatMul, and one bias Add when the model has biases), as the reference builder writes it; returns how many.
+
+    Only where the three projections are constant MatMuls of the same activation; the kernel splits the packed
+    input itself (``key`` and ``value`` left empty)."""
+    import onnx_ir as ir
+
+    taken = {value.name for value in graph.initializers.values()}
+    packed = 0
+    for node in list(graph):
+        if node.op_type != "GroupQueryAttention" or node.attributes.get_int("do_rotary", 0) != 1:
+            continue
+        parts = [_projection(value) for value in node.inputs[:3]]
+        if any(part is None for part in parts) or len({part[0] for part in parts if part}) != 1:
+            continue
+        projections = [part for part in parts if part is not None]
+        biases = [part[3] for part in projections]
+        if any(bias is None for bias in biases) and not all(bias is None for bias in biases):
+            continue
+        name = projections[0][1].name or f"gqa.{packed}.weight"
+        name = name.replace("q_proj", "qkv_proj") if "q_proj" in name else f"{name}.qkv"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+
+        def constant(value_name: str, array: np.ndarray) -> Any:
+            value = ir.Value(name=value_name, shape=ir.Shape(array.shape),
+                             type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                             const_value=ir.tensor(array, name=value_name))
+            graph.register_initializer(value)
+            return value
+
+        weight = constant(name, np.concatenate([part[2] for part in projections], axis=1))
+        matmul = ir.node("MatMul", [projections[0][0], weight], name=f"{name}.matmul")
+        added = [matmul]
+        if biases[0] is not None:
+            bias = constant(f"{name}.bias", np.concatenate([b for b in biases if b is not None]))
+            added.append(ir.node("Add", [matmul.outputs[0], bias], name=f"{name}.add"))
+        graph.insert_before(node, added)
+        node.replace_input_with(0, added[-1].outputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        packed += 1
+    return packed
 
 
 def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype: str = "fp32") -> FusionReport:
@@ -237,6 +319,7 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype:
     from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
     graph = model.graph
+    packed = rotary_inside = 0
     _core._pre_optimize(model)
     fuse_rms_normalization(model)
     fuse_skip_rms_normalization(model)
@@ -279,6 +362,9 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype:
             if count != len(ropes) // 2:
                 reason = f"{count} of {len(ropes) // 2} attention layers matched the pattern (a wide block does not)"
             graph.sort()
+            packed = _pack_qkv(graph)
+            rotary_inside = sum(1 for node in graph if node.op_type == "GroupQueryAttention"
+                                and node.attributes.get_int("do_rotary", 0) == 1)
     if any(node.domain == _FUSION_DOMAIN and node.op_type == "SDPA" for node in graph):
         replace_sdpa_by_mha(model)  # attention the rule did not take: ONNX Runtime's MultiHeadAttention, as onnxscript does
     pattern.RewriteRuleSet([_rule_classes()[1].rule()]).apply_to_model(model)
@@ -291,4 +377,4 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype:
     for node in graph:
         if node.op_type in _FUSED_OPS:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return FusionReport(counts, reason)
+    return FusionReport(counts, reason, rotary_inside, packed)

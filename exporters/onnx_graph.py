@@ -41,6 +41,7 @@ import numpy as np
 
 from exporters.onnx_fusion import FusionReport, fuse_decoder, rotary_cache
 from exporters.onnx_model import _Loaded, left_padded_positions
+from exporters.onnx_session import ROTARY_AT_CACHE_SLOTS
 from surgery.compat import output_cache, with_cache
 from surgery.errors import OnnxExportError
 
@@ -230,6 +231,9 @@ def _export_graph(loaded: _Loaded, path: Path, dtype: str, opset: int, share_buf
             raise OnnxExportError(loaded.model_type, "rewriting the cache for the share buffer",
                                   "a present output is not the concatenation of its past and the new keys")
         program.model.metadata_props["surgery.share_buffer"] = str(share_buffer).lower()
+        # Read by the runner: such a graph takes several new tokens after a past only for one sequence.
+        program.model.metadata_props["surgery.rotary"] = ROTARY_AT_CACHE_SLOTS if fusion and fusion.rotary_inside \
+            else "position_ids"
     program.model.metadata_props.update({"surgery.kind": loaded.kind, "surgery.dtype": dtype,
                                          "surgery.model_type": loaded.model_type})
     weight_bytes = sum(int(v.const_value.nbytes) for v in graph.initializers.values() if v.const_value is not None)

@@ -31,6 +31,9 @@ ONNX_FILENAME = "model.onnx"
 DEVICES = ("cpu", "cuda")
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# A graph's "surgery.rotary" metadata when its GroupQueryAttention applies the rotary itself, at each token's
+# cache slot: ONNX Runtime's kernel then takes several new tokens after a past only for a batch of one.
+ROTARY_AT_CACHE_SLOTS = "cache_slots"
 
 
 def _ort() -> Any:
@@ -159,6 +162,7 @@ class OnnxCausalLM:
     dtype: Any
     io_binding: bool = False
     _inputs: set[str] = field(default_factory=set)
+    rotary_at_cache_slots: bool = False
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], device: str = "cpu", *, threads: int | None = None,
@@ -207,8 +211,10 @@ class OnnxCausalLM:
         dtype = _ORT_TYPES.get(names["past_key_values.0.key"].type)
         if dtype is None:
             raise CheckpointError(str(graph), f"cache type {names['past_key_values.0.key'].type} is not supported")
+        rotary = session.get_modelmeta().custom_metadata_map.get("surgery.rotary")
         return cls(session, device, session.get_providers()[0], cache, dtype,
-                   io_binding=True if io_binding is None else io_binding, _inputs=set(names))
+                   io_binding=True if io_binding is None else io_binding, _inputs=set(names),
+                   rotary_at_cache_slots=rotary == ROTARY_AT_CACHE_SLOTS)
 
     @property
     def num_layers(self) -> int:
@@ -231,7 +237,16 @@ class OnnxCausalLM:
 
         Returns:
             ``(logits, present)``; logits as a numpy array, present as numpy arrays (OrtValues with I/O binding).
+
+        Raises:
+            OptionError: several new tokens after a past for more than one sequence, on a graph whose attention
+                applies the rotary itself (ONNX Runtime's kernel refuses it).
         """
+        batch, new = input_ids.shape
+        if self.rotary_at_cache_slots and batch > 1 and new > 1 and attention_mask.shape[1] > new:  # a past
+            raise OptionError(f"this graph's GroupQueryAttention takes {new} new tokens after a past only "
+                              f"for one sequence, not a batch of {batch}",
+                              hint="feed one token per step, one sequence at a time, or export with --no-fuse")
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "position_ids" in self._inputs:  # the reference builder's graphs derive positions from the mask
             feed["position_ids"] = position_ids

@@ -23,6 +23,7 @@ from exporters.onnx import OnnxExportResult, export_onnx
 from exporters.onnx_fusion import MIN_ROTARY_POSITIONS, rotary_cache
 from exporters.onnx_runtime import OnnxCausalLM
 from surgery.cli import main
+from surgery.errors import OptionError
 
 NUM_LAYERS = 6
 
@@ -68,10 +69,68 @@ def test_every_layer_becomes_fused_kernels(exports: Callable[..., OnnxExportResu
     assert saved["fusion"]["attention_fused"] and saved["fusion"]["operators"]["GroupQueryAttention"] == NUM_LAYERS
 
 
-def test_no_fuse_keeps_the_traced_graph_and_agrees_with_the_fused_one(exports: Callable[..., OnnxExportResult]) -> None:
+@pytest.mark.parametrize("name", ["llama-h16", "qwen2-h16"])
+def test_heads_of_16_rotate_inside_attention_from_one_packed_projection(
+        exports: Callable[..., OnnxExportResult], name: str) -> None:
+    """Heads of 16 (SmolLM2's are 64): each layer is one packed [q | k | v] MatMul (plus its bias Add for Qwen 2)
+    feeding one GroupQueryAttention that applies the rotary itself, as the reference builder's graph; no
+    RotaryEmbedding kernel is left, the three projections' MatMuls are one, and the graph says so in its metadata."""
+    result = exports(name)
+    fusion = result.fusion
+    assert fusion is not None and fusion.attention_fused
+    assert fusion.rotary_inside == fusion.packed_qkv == NUM_LAYERS
+    graph = onnx.load(str(result.out / "model.onnx")).graph
+    ops = Counter(node.op_type for node in graph.node)
+    assert ops["GroupQueryAttention"] == NUM_LAYERS and ops["RotaryEmbedding"] == 0
+    assert ops["MatMul"] == 5 * NUM_LAYERS + 1  # qkv, o, gate, up, down per layer, and the head
+    producers = {out: node for node in graph.node for out in node.output}
+    weights = {init.name: init.dims for init in graph.initializer}
+    for node in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["do_rotary"] == 1 and node.input[1] == node.input[2] == ""  # key, value packed in query
+        heads, kv_heads = attributes["num_heads"], attributes["kv_num_heads"]
+        projection = producers[node.input[0]]
+        if name.startswith("qwen2"):  # q/k/v biases, packed as the weights
+            assert projection.op_type == "Add"
+            projection = next(producers[i] for i in projection.input if i in producers)
+        assert projection.op_type == "MatMul" and list(weights[projection.input[1]]) == [64, (heads + 2 * kv_heads) * 16]
+    meta = {p.key: p.value for p in onnx.load(str(result.out / "model.onnx"), load_external_data=False).metadata_props}
+    assert meta["surgery.rotary"] == "cache_slots"
+    saved = json.loads((result.out / "onnx-export.json").read_text())["fusion"]
+    assert saved["rotary_inside_attention"] == saved["packed_qkv"] == NUM_LAYERS
+
+
+def test_several_tokens_after_a_past(exports: Callable[..., OnnxExportResult]) -> None:
+    """Rotary inside attention: one sequence takes several new tokens after a past, equal to the traced graph's
+    logits (2e-5 x max |logit|); a batch of several gets a one-line OptionError naming --no-fuse (ONNX Runtime's
+    kernel refuses it), which the traced graph (``--no-fuse``) runs."""
+    fused, traced = OnnxCausalLM.load(exports("llama-h16").out), OnnxCausalLM.load(exports("llama-h16", fuse=False).out)
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], dtype=np.int64)
+    more = np.array([[13, 14, 15], [16, 17, 18]], dtype=np.int64)
+    got = []
+    for lm in (fused, traced):
+        _, present = lm.forward(ids[:1], np.ones((1, 4), dtype=np.int64), np.arange(4)[None], lm.empty_cache(1))
+        logits, _ = lm.forward(more[:1], np.ones((1, 7), dtype=np.int64), np.arange(4, 7)[None], present)
+        got.append(logits)
+    assert np.abs(got[0] - got[1]).max() <= 2e-5 * max(1.0, float(np.abs(got[1]).max()))
+    positions = np.tile(np.arange(4), (2, 1))
+    _, present = fused.forward(ids, np.ones((2, 4), dtype=np.int64), positions, fused.empty_cache(2))
+    with pytest.raises(OptionError, match="3 new tokens after a past only for one sequence") as caught:
+        fused.forward(more, np.ones((2, 7), dtype=np.int64), positions[:, 1:] + 3, present)
+    assert "--no-fuse" in (caught.value.hint or "")
+    _, present = traced.forward(ids, np.ones((2, 4), dtype=np.int64), positions, traced.empty_cache(2))
+    logits, _ = traced.forward(more, np.ones((2, 7), dtype=np.int64), positions[:, 1:] + 3, present)
+    assert logits.shape == (2, 3, 128)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-h16"])
+def test_no_fuse_keeps_the_traced_graph_and_agrees_with_the_fused_one(exports: Callable[..., OnnxExportResult],
+                                                                      name: str) -> None:
     """``fuse=False`` writes the traced graph (no contrib kernels); on a left-padded batch, prefill and a step
-    on each graph's own cache, the fused and traced graphs' logits agree to 2e-5 x max |logit|."""
-    fused, traced = exports("llama"), exports("llama", fuse=False)
+    on each graph's own cache, the fused and traced graphs' logits agree to 2e-5 x max |logit| (heads of 16:
+    the rotary inside attention turns each token at its cache slot, not its position, which RoPE attention,
+    depending only on the distance between tokens, does not see)."""
+    fused, traced = exports(name), exports(name, fuse=False)
     assert traced.fusion is None and json.loads((traced.out / "onnx-export.json").read_text())["fusion"] is None
     ops = _op_types(traced.out)
     assert ops["GroupQueryAttention"] == 0 and ops["RotaryEmbedding"] == 0 and ops["Neg"] > 0
@@ -124,11 +183,12 @@ def test_rotary_cache_is_the_models_own_rotary(tiny_models: Callable[[str], Any]
         model.model.rotary_emb.rope_type = "default"
 
 
-def test_share_buffer_reads_only_the_valid_past(exports: Callable[..., OnnxExportResult]) -> None:
+@pytest.mark.parametrize("name", ["llama", "llama-h16"])
+def test_share_buffer_reads_only_the_valid_past(exports: Callable[..., OnnxExportResult], name: str) -> None:
     """With --share-buffer, the fused graph's presents are GroupQueryAttention's (it appends in place); what else
     read the past (its length, for the mask) reads its valid part, so a buffer longer than the past gives the
     same logits as the past alone, and the present is the buffer's length."""
-    result = exports("llama", share_buffer=True)
+    result = exports(name, share_buffer=True)
     lm = OnnxCausalLM.load(result.out, io_binding=False)
     ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
     mask = np.ones_like(ids)
