@@ -8,9 +8,13 @@ onnxruntime-genai's model builder writes them, keeping what surgery's graph prom
 
 * ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` for RMSNorm and the residual add
   before it (onnxscript's fusions);
-* ``RotaryEmbedding`` for the rotary embedding of queries and keys, reading ``position_ids`` and a cos/sin
-  cache that is the model's own rotary module evaluated at every position (so any rope scaling it applies
-  is in the cache);
+* the rotary embedding of queries and keys from a cos/sin cache that is the model's own rotary module
+  evaluated at every position (so any rope scaling it applies is in the cache): inside
+  ``GroupQueryAttention`` (``do_rotary``) when the head size is a multiple of 16, with the layer's Q, K and V
+  projections packed into one MatMul as the builder writes them; else two ``RotaryEmbedding`` reading
+  ``position_ids``. Inside, the kernel turns each token at its cache slot rather than its position; a
+  left-padded row's slots are its positions plus the padding, and rotary attention depends only on the
+  distance between query and key, so the logits are the same (``position_ids`` then goes unread);
 * ``GroupQueryAttention`` for attention: the new keys/values are appended to the past inside the kernel,
   the grouped heads are never expanded, and the model's own additive mask (causal and padding) is its
   ``attention_bias``, so a left-padded batch stays exact. ``seqlens_k`` is the whole length for every row

@@ -153,6 +153,8 @@ class OnnxCausalLM:
         dtype: the floating-point type of the cache (float32 or float16).
         io_binding: run with I/O binding (the default: the cache stays in ONNX Runtime's buffers, on the GPU
             for CUDA); off, every step goes through numpy arrays.
+        rotary_at_cache_slots: the graph's attention applies the rotary itself (metadata ``surgery.rotary``), so
+            several new tokens after a past are refused for a batch of more than one.
     """
 
     session: onnxruntime.InferenceSession
