@@ -127,7 +127,7 @@ def _rule_classes() -> tuple[Any, Any]:
             self.position_ids, self.seqlens_k, self.total_length = position_ids, seqlens_k, total_length
 
         def pattern(self, op: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, past_key: Any,
-                    past_value: Any, cos: Any, sin: Any, mask: Any) -> Any:
+                    past_value: Any, cos: Any, sin: Any, mask: Any, attention_shape: Any) -> Any:
             query_BSHDh = op.Reshape(query_BSD, pattern.ANY_VALUE, _outputs=["query_BSHDh"])
             key_BSHkvDh = op.Reshape(key_BSDkv, pattern.ANY_VALUE, _outputs=["key_BSHkvDh"])
             # Qwen 3 and its kin normalise each head's query and key (RMSNorm over head_dim) before the rotary.
@@ -145,7 +145,7 @@ def _rule_classes() -> tuple[Any, Any]:
             value_all = op.Reshape(op.Expand(op.Unsqueeze(present_value, [2]), pattern.ANY_VALUE), pattern.ANY_VALUE)
             attention = op.SDPA(query_rope, key_all, value_all, mask, key_format="BHSd", _domain=_FUSION_DOMAIN,
                                 _outputs=["attention"])
-            attention_BSD = op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), pattern.ANY_VALUE,
+            attention_BSD = op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), attention_shape,
                                        _outputs=["attention_BSD"])
             return attention_BSD, present_key, present_value
 
@@ -165,12 +165,15 @@ def _rule_classes() -> tuple[Any, Any]:
             if not (isinstance(heads, int) and isinstance(kv_heads, int) and isinstance(head_dim, int)) \
                     or heads % kv_heads:
                 return result.fail("head counts not static", [query_BSHDh, key_BSHkvDh])
-            # GroupQueryAttention reads and writes [batch, sequence, heads * head_dim]: the traced reshapes must
-            # be exactly that (a wide block reshapes its attention per branch instead, and is left as it is).
-            for value, width in ((query_BSD, heads), (key_BSDkv, kv_heads), (value_BSDkv, kv_heads),
-                                 (attention_BSD, heads)):
+            # GroupQueryAttention reads [batch, sequence, heads * head_dim]: the traced inputs must be exactly that.
+            for value, width in ((query_BSD, heads), (key_BSDkv, kv_heads), (value_BSDkv, kv_heads)):
                 if value.shape is None or len(value.shape) != 3 or _ir_utils.get_dim(value, 2) != width * head_dim:
                     return result.fail("not [batch, sequence, heads * head_dim]", value)
+            # Its output [batch, sequence, heads * head_dim] is the traced [batch, sequence, heads, head_dim] in the
+            # same order, so any reshape of the latter is the same reshape of the former: a wide block's
+            # (batch * sequence, branches, heads_per_branch * head_dim) is rewritten with its own shape.
+            self._reshape_back = attention_BSD.shape is None or len(attention_BSD.shape) != 3 \
+                or _ir_utils.get_dim(attention_BSD, 2) != heads * head_dim
             if mask is None or mask.dtype != self.cos_cache.dtype:
                 return result.fail("no additive mask of the graph's float type", mask)
             if not past_key.is_graph_input():
@@ -180,8 +183,18 @@ def _rule_classes() -> tuple[Any, Any]:
             return True
 
         def rewrite(self, op: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, past_key: Any,
-                    past_value: Any, mask: Any, query_BSHDh: Any, key_BSHkvDh: Any, query_normed: Any = None,
-                    key_normed: Any = None, **_: Any) -> Any:
+                    past_value: Any, mask: Any, query_BSHDh: Any, key_BSHkvDh: Any, attention_shape: Any,
+                    query_normed: Any = None, key_normed: Any = None, **_: Any) -> Any:
+            attention, present_key, present_value = self._attention(
+                op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value, mask, query_BSHDh, key_BSHkvDh,
+                query_normed, key_normed)
+            if self._reshape_back:
+                attention = op.Reshape(attention, attention_shape)
+            return attention, present_key, present_value
+
+        def _attention(self, op: Any, query_BSD: Any, key_BSDkv: Any, value_BSDkv: Any, past_key: Any,
+                       past_value: Any, mask: Any, query_BSHDh: Any, key_BSHkvDh: Any, query_normed: Any,
+                       key_normed: Any) -> Any:
             attributes: dict[str, Any] = {"num_heads": self._heads, "kv_num_heads": self._kv_heads}
             if self._scale is not None:
                 attributes["scale"] = self._scale
@@ -255,6 +268,15 @@ def _pack_qkv(graph: Any) -> int:
     packed = 0
     for node in list(graph):
         if node.op_type != "GroupQueryAttention" or node.attributes.get_int("do_rotary", 0) != 1:
+            continue
+        split = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if split is not None and split.op_type == "Split" and split.domain == "" and list(split.outputs) == list(node.inputs[:3]) \
+                and split.attributes.get_int("axis", 0) in (-1, 2) and all(len(v.uses()) == 1 for v in split.outputs):
+            # Already one projection, split in three (a wide block's qkv_proj): the kernel takes it whole.
+            node.replace_input_with(0, split.inputs[0])
+            node.replace_input_with(1, None)
+            node.replace_input_with(2, None)
+            packed += 1
             continue
         parts = [_projection(value) for value in node.inputs[:3]]
         if any(part is None for part in parts) or len({part[0] for part in parts if part}) != 1:

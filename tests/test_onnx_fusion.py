@@ -123,6 +123,36 @@ def test_several_tokens_after_a_past(exports: Callable[..., OnnxExportResult]) -
     assert logits.shape == (2, 3, 128)
 
 
+@pytest.mark.parametrize(("name", "mlp_input"), [("llama", "exact"), ("llama-h16", "exact"), ("llama-h16", "shared")])
+def test_wide_block_attention_is_one_group_query_attention(tiny_model: Callable[..., Path], tmp_path: Path, name: str,
+                                                           mlp_input: str) -> None:
+    """A wide block (layers 1-2 and 3-4 of six, run in parallel) fuses like any layer: one GroupQueryAttention over
+    the K·H query heads and K·H_kv cache heads (the kernel's grouping is the branches'), its output reshaped per
+    branch when the block keeps the branches apart (``exact``); heads of 16 rotate inside and take the block's own
+    qkv projection whole. The export passes the full validation against PyTorch."""
+    import surgery
+
+    wide = tmp_path / "wide"
+    surgery.parallel(tiny_model(name), wide, groups="1-2,3-4", mlp_input=mlp_input, quiet=True)
+    result = export_onnx(wide, tmp_path / "onnx", trust_remote_code=True, quiet=True)
+    assert result.validation is not None and result.validation.passed, result.validation.format()
+    fusion = result.fusion
+    assert fusion is not None and fusion.attention_fused and fusion.reason == ""
+    graph = onnx.load(str(result.out / "model.onnx")).graph
+    heads = []
+    for node in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        heads.append((attributes["num_heads"], attributes["kv_num_heads"]))
+    assert heads == [(4, 2), (8, 4), (8, 4), (4, 2)]  # 6 layers -> 4: the two wide blocks carry two branches each
+    inside = name.endswith("h16")
+    assert fusion.rotary_inside == fusion.packed_qkv == (4 if inside else 0)
+    ops = Counter(node.op_type for node in graph.node)
+    assert ops["RotaryEmbedding"] == (0 if inside else 8) and ops["Softmax"] == 0
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    for node in (n for n in graph.node if n.op_type == "GroupQueryAttention" and inside):
+        assert node.input[1] == node.input[2] == "" and producers[node.input[0]] == "MatMul"  # the packed projection
+
+
 @pytest.mark.parametrize("name", ["llama", "llama-h16"])
 def test_no_fuse_keeps_the_traced_graph_and_agrees_with_the_fused_one(exports: Callable[..., OnnxExportResult],
                                                                       name: str) -> None:
