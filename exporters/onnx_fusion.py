@@ -21,8 +21,10 @@ onnxruntime-genai's model builder writes them, keeping what surgery's graph prom
   and ``total_sequence_length`` the attention mask's length: with onnxruntime-genai's share buffer the
   kernel then writes the new keys into the buffer in place.
 
-The rewrite applies only where the whole layer matches; anything else keeps its traced form, and the
-export's parity check against PyTorch judges the result as it judges any graph.
+A wide block's attention (K branches as one call over K·H heads, ``surgery parallel``) matches too: it is one
+``GroupQueryAttention`` over K·H heads, whose grouping is the branches'. The rewrite applies only where the
+whole layer matches; anything else keeps its traced form, and the export's parity check against PyTorch judges
+the result as it judges any graph.
 """
 
 from __future__ import annotations
@@ -386,7 +388,7 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype:
                                       total.outputs[0], next(iter(sources)))
             count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
             if count != len(ropes) // 2:
-                reason = f"{count} of {len(ropes) // 2} attention layers matched the pattern (a wide block does not)"
+                reason = f"{count} of {len(ropes) // 2} attention layers matched the pattern"
             graph.sort()
             packed = _pack_qkv(graph)
             rotary_inside = sum(1 for node in graph if node.op_type == "GroupQueryAttention"
