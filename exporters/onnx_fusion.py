@@ -258,6 +258,16 @@ def _projection(value: Any) -> tuple[Any, Any, np.ndarray, np.ndarray | None] | 
     return node.inputs[0], weight, weight.const_value.numpy(), bias
 
 
+def _register_constant(graph: Any, name: str, array: np.ndarray) -> Any:
+    """A new initializer ``name`` holding ``array``, registered in ``graph``: its ``onnx_ir.Value``."""
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
 def _pack_qkv(graph: Any) -> int:
     """Give each ``GroupQueryAttention`` that rotates inside one packed ``[q | k | v]`` projection (a single
     MatMul, and one bias Add when the model has biases), as the reference builder writes it; returns how many.
@@ -275,39 +285,28 @@ def _pack_qkv(graph: Any) -> int:
         if split is not None and split.op_type == "Split" and split.domain == "" and list(split.outputs) == list(node.inputs[:3]) \
                 and split.attributes.get_int("axis", 0) in (-1, 2) and all(len(v.uses()) == 1 for v in split.outputs):
             # Already one projection, split in three (a wide block's qkv_proj): the kernel takes it whole.
-            node.replace_input_with(0, split.inputs[0])
-            node.replace_input_with(1, None)
-            node.replace_input_with(2, None)
-            packed += 1
-            continue
-        parts = [_projection(value) for value in node.inputs[:3]]
-        if any(part is None for part in parts) or len({part[0] for part in parts if part}) != 1:
-            continue
-        projections = [part for part in parts if part is not None]
-        biases = [part[3] for part in projections]
-        if any(bias is None for bias in biases) and not all(bias is None for bias in biases):
-            continue
-        name = projections[0][1].name or f"gqa.{packed}.weight"
-        name = name.replace("q_proj", "qkv_proj") if "q_proj" in name else f"{name}.qkv"
-        while name in taken:
-            name += "_"
-        taken.add(name)
-
-        def constant(value_name: str, array: np.ndarray) -> Any:
-            value = ir.Value(name=value_name, shape=ir.Shape(array.shape),
-                             type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                             const_value=ir.tensor(array, name=value_name))
-            graph.register_initializer(value)
-            return value
-
-        weight = constant(name, np.concatenate([part[2] for part in projections], axis=1))
-        matmul = ir.node("MatMul", [projections[0][0], weight], name=f"{name}.matmul")
-        added = [matmul]
-        if biases[0] is not None:
-            bias = constant(f"{name}.bias", np.concatenate([b for b in biases if b is not None]))
-            added.append(ir.node("Add", [matmul.outputs[0], bias], name=f"{name}.add"))
-        graph.insert_before(node, added)
-        node.replace_input_with(0, added[-1].outputs[0])
+            qkv = split.inputs[0]
+        else:
+            parts = [_projection(value) for value in node.inputs[:3]]
+            if any(part is None for part in parts) or len({part[0] for part in parts if part}) != 1:
+                continue
+            projections = [part for part in parts if part is not None]
+            biases = [part[3] for part in projections]
+            if any(bias is None for bias in biases) and not all(bias is None for bias in biases):
+                continue
+            name = projections[0][1].name or f"gqa.{packed}.weight"
+            name = name.replace("q_proj", "qkv_proj") if "q_proj" in name else f"{name}.qkv"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            weight = _register_constant(graph, name, np.concatenate([part[2] for part in projections], axis=1))
+            added = [ir.node("MatMul", [projections[0][0], weight], name=f"{name}.matmul")]
+            if biases[0] is not None:
+                bias = _register_constant(graph, f"{name}.bias", np.concatenate([b for b in biases if b is not None]))
+                added.append(ir.node("Add", [added[0].outputs[0], bias], name=f"{name}.add"))
+            graph.insert_before(node, added)
+            qkv = added[-1].outputs[0]
+        node.replace_input_with(0, qkv)
         node.replace_input_with(1, None)
         node.replace_input_with(2, None)
         packed += 1
@@ -366,20 +365,13 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype:
         else:
             inputs = {value.name: value for value in graph.inputs}
 
-            def initializer(name: str, array: np.ndarray) -> Any:
-                array = array.astype(np.float16 if dtype == "fp16" else np.float32)
-                value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                                 const_value=ir.tensor(array, name=name))
-                graph.register_initializer(value)
-                return value
-
-            cos_cache, sin_cache = initializer("rotary.cos_cache", cache[0]), initializer("rotary.sin_cache", cache[1])
+            float_type = np.float16 if dtype == "fp16" else np.float32
+            cos_cache = _register_constant(graph, "rotary.cos_cache", cache[0].astype(float_type))
+            sin_cache = _register_constant(graph, "rotary.sin_cache", cache[1].astype(float_type))
             total64 = ir.node("Shape", [inputs["attention_mask"]], {"start": 1, "end": 2}, name="gqa.total_length64")
             batch = ir.node("Shape", [inputs["attention_mask"]], {"start": 0, "end": 1}, name="gqa.batch")
             total32 = ir.node("Cast", [total64.outputs[0]], {"to": ir.DataType.INT32}, name="gqa.total_length32")
-            one = ir.Value(name="gqa.one", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT32),
-                           const_value=ir.tensor(np.array([1], dtype=np.int32), name="gqa.one"))
-            graph.register_initializer(one)
+            one = _register_constant(graph, "gqa.one", np.array([1], dtype=np.int32))
             last = ir.node("Sub", [total32.outputs[0], one], name="gqa.last_index")
             seqlens = ir.node("Expand", [last.outputs[0], batch.outputs[0]], name="gqa.seqlens_k")
             total = ir.node("Squeeze", [total32.outputs[0]], name="gqa.total_sequence_length")
