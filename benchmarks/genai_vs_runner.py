@@ -34,9 +34,11 @@ What it measures
       equal to its reference's (the fp32 runner on surgery's plain export; for the wide model's
       onnxruntime-genai, the runner on the wide export).
 
-    All engines of a model (the wide ones with the full model) run in one round-robin, each round starting one
-    engine later, the two sides of every target next to each other; the figures are the best of ``--repeat``
-    rounds (a machine shared with other jobs only ever makes a run slower), and the median is printed too.
+    All engines of a model (the wide ones with the full model) run in one round-robin, the two sides of every
+    target next to each other: every other round starts one engine later, and the rounds between run the same
+    order backwards (so each side of a pair runs first in half the rounds); the figures are the best of
+    ``--repeat`` rounds (a machine shared with other jobs only ever makes a run slower), and the median is
+    printed too.
     Every target also gets its paired ratio: the median, over the rounds, of the two engines' speeds in the same
     round (measured one after the other, so a slow spell of the machine hits both), with the rounds' range.
 
@@ -310,8 +312,9 @@ def main() -> None:
         order = list(engines)
         for round_ in range(args.repeat):
             tokens: dict[str, list[int]] = {}
-            turn = round_ % len(order)
-            for key in order[turn:] + order[:turn]:  # each engine first in turn
+            turn = (round_ // 2) % len(order)
+            rotated = order[turn:] + order[:turn]  # each engine first in turn, and every other round backwards:
+            for key in rotated if round_ % 2 == 0 else rotated[::-1]:  # each side of a pair first as often
                 speed, tokens[key] = engines[key].run(ids, args.decode)
                 engines[key].speeds.append(speed)
                 sys.stderr.write(f"  {name} round {round_ + 1} {key}: decode {speed:.1f} tok/s\n")

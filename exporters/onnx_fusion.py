@@ -313,6 +313,29 @@ def _pack_qkv(graph: Any) -> int:
     return packed
 
 
+def _drop_unread_norm_outputs(graph: Any) -> int:
+    """Turn off the normalizations' unread optional outputs (``mean``, ``inv_std_var``; the last one's skip sum), as
+    the reference builder writes them: ONNX Runtime computes and allocates every output a node names, read or not
+    (measured on pruned SmolLM2: 0.54 against 0.34 ms per decode step for the 38 SkipSimplifiedLayerNormalization).
+    Returns how many outputs were dropped."""
+    outputs = frozenset(graph.outputs)
+    dropped = 0
+    for node in graph:
+        if node.op_type not in ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization") \
+                or node.domain not in ("", "com.microsoft"):
+            continue
+        for index in range(1, len(node.outputs)):  # mean, inv_std_var (and the skip sum): all optional
+            if node.outputs[index].name and not node.outputs[index].uses() \
+                    and node.outputs[index] not in outputs:
+                node.outputs[index].name = ""
+                dropped += 1
+        kept = len(node.outputs)
+        while kept > 1 and not node.outputs[kept - 1].name:
+            kept -= 1
+        node.resize_outputs(kept)
+    return dropped
+
+
 def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype: str = "fp32") -> FusionReport:
     """Rewrite the decoder graph ``model`` (an ``onnx_ir.Model``, traced by surgery) in place.
 
@@ -390,6 +413,7 @@ def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype:
     pattern.RewriteRuleSet([_rule_classes()[1].rule()]).apply_to_model(model)
     optimize(model)  # inlines the fused functions no rule consumed, drops what the rewrite left unused
     common.RemoveUnusedNodesPass()(model)
+    _drop_unread_norm_outputs(graph)
     left = sorted({node.op_type for node in graph if node.domain == _FUSION_DOMAIN})
     if left:
         raise ValueError(f"onnxscript's intermediate operators {', '.join(left)} were left in the graph")

@@ -359,10 +359,12 @@ def _share_buffer_ready(graph: Any) -> bool:
                 user.replace_input_with(index, view.outputs[0])
         added += [view, full, tail]
     for present, past in kernels:
+        readers = [(user, index) for user, index in past.uses() if user is not present.producer()]
+        if not readers:  # the kernel alone reads it: no view (it would be a copy of the buffer nobody reads)
+            continue
         view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
-        for user, index in list(past.uses()):
-            if user is not present.producer() and user is not view:
-                user.replace_input_with(index, view.outputs[0])
+        for user, index in readers:
+            user.replace_input_with(index, view.outputs[0])
         added.append(view)
     for present in graph.outputs[1:]:  # every present, either kind: the buffer's length, or past + sequence without one
         _rename_dim(present, 2, "present_sequence_length")

@@ -65,6 +65,12 @@ def test_every_layer_becomes_fused_kernels(exports: Callable[..., OnnxExportResu
     for decomposed in ("Pow", "ReduceMean", "Neg", "Softmax", "Sigmoid", "MultiHeadAttention"):
         assert ops[decomposed] == 0, decomposed
     assert ops["SimplifiedLayerNormalization"] == 1 + (2 * NUM_LAYERS if name == "qwen3" else 0)  # + q_norm, k_norm
+    # The norms' mean and inv_std_var outputs, read by nobody, are not named (ONNX Runtime would compute them).
+    graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    norms = [node for node in graph.node if node.op_type.endswith("SimplifiedLayerNormalization")]
+    assert all(output == "" for node in norms for output in node.output[1:3])
+    assert all(output in read for node in norms for output in node.output if output)
     saved = json.loads((result.out / "onnx-export.json").read_text())
     assert saved["fusion"]["attention_fused"] and saved["fusion"]["operators"]["GroupQueryAttention"] == NUM_LAYERS
 
@@ -217,8 +223,15 @@ def test_rotary_cache_is_the_models_own_rotary(tiny_models: Callable[[str], Any]
 def test_share_buffer_reads_only_the_valid_past(exports: Callable[..., OnnxExportResult], name: str) -> None:
     """With --share-buffer, the fused graph's presents are GroupQueryAttention's (it appends in place); what else
     read the past (its length, for the mask) reads its valid part, so a buffer longer than the past gives the
-    same logits as the past alone, and the present is the buffer's length."""
+    same logits as the past alone, and the present is the buffer's length. No node's output goes unread (a
+    view of a past only the kernel reads would copy the buffer every step for nothing)."""
     result = exports(name, share_buffer=True)
+    graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    unread = [node.name for node in graph.node if not any(output in read for output in node.output)]
+    assert unread == []
+    views = [node for node in graph.node if node.name.endswith(".past_view")]
+    assert len(views) < 2 * NUM_LAYERS  # only the pasts something besides the kernel reads get a view
     lm = OnnxCausalLM.load(result.out, io_binding=False)
     ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
     mask = np.ones_like(ids)
