@@ -34,6 +34,10 @@ What it measures
       equal to its reference's (the fp32 runner on surgery's plain export; for the wide model's
       onnxruntime-genai, the runner on the wide export).
 
+    Each round runs every engine in a new session (unless ``--keep-sessions``), warmed up with 4 steps: where
+    ONNX Runtime places a session's prepacked weights sets its MatMul speed for the session's life (three
+    sessions of the builder's pruned graph in one process, interleaved: the same MatMuls 6-10% apart), so a
+    figure from one session measures its placement as much as its graph; fresh sessions sample placements.
     All engines of a model (the wide ones with the full model) run in one round-robin, the two sides of every
     target next to each other: every other round starts one engine later, and the rounds between run the same
     order backwards (so each side of a pair runs first in half the rounds); the figures are the best of
@@ -193,35 +197,62 @@ class Genai:
         return (len(tokens) - 1) / (time.perf_counter() - started), tokens
 
 
+Run = Callable[[np.ndarray, int], tuple[float, list[int]]]  # (prompt ids [1, n], steps) -> (tok/s, tokens)
+
+
 @dataclass
 class Engine:
     """One engine on one export, in a model's round-robin."""
 
     label: str  # the engine as printed
     graph: str  # the export as printed
-    run: Callable[[np.ndarray, int], tuple[float, list[int]]]  # (prompt ids [1, n], steps) -> (tok/s, tokens)
+    load: Callable[[], Run]  # a new session of the engine on the export
     layers: int
     weight_bytes: int
     reference: str | None  # the engine whose greedy tokens this one's are compared with
+    session: Run | None = None  # the session in use: the first is made with the engine, for its layer count
+    measured: bool = False  # whether the session in use has been measured
     speeds: list[float] = field(default_factory=list)
     agreement: list[float] = field(default_factory=list)
 
+    def measure(self, ids: np.ndarray, steps: int, fresh: bool) -> tuple[float, list[int]]:
+        """One measured run; with ``fresh``, in a session of its own, warmed up first.
 
-def runner_engine(directory: Path, threads: int, graph: str, weight_bytes: int, reference: str | None) -> Engine:
+        Why fresh sessions: where ONNX Runtime's prepacked weights land in memory decides the speed of the weight
+        MatMuls for the session's whole life. Measured here: three sessions of the same graph in one process,
+        interleaved, ran the same MatMuls 6-10% apart, as far apart as surgery's graph and the builder's."""
+        if self.session is None or (fresh and self.measured):
+            self.session = None  # the old session goes before the new one is made
+            self.session = self.load()
+            self.session(ids, 4)
+        self.measured = True
+        return self.session(ids, steps)
+
+
+def runner_session(directory: Path, threads: int) -> tuple[Run, int]:
+    """A new session of surgery's runner on the export: (its run, the model's layer count)."""
     lm = OnnxCausalLM.load(directory, threads=threads)
 
     def run(ids: np.ndarray, steps: int) -> tuple[float, list[int]]:
         result = lm.greedy(ids, max_new_tokens=steps + 1)
         return result.decode_tokens_per_second, result.tokens[0].tolist()
 
-    return Engine("surgery's runner", graph, run, lm.num_layers, weight_bytes, reference)
+    return run, lm.num_layers
+
+
+def runner_engine(directory: Path, threads: int, graph: str, weight_bytes: int, reference: str | None) -> Engine:
+    first, layers = runner_session(directory, threads)
+    return Engine("surgery's runner", graph, lambda: runner_session(directory, threads)[0], layers, weight_bytes,
+                  reference, session=first)
 
 
 def genai_engine(directory: Path, threads: int, share_buffer: bool | None, label: str, graph: str, layers: int,
                  weight_bytes: int, reference: str | None) -> Engine:
-    genai = Genai(directory, threads, share_buffer)
-    return Engine(label, graph, lambda ids, steps: genai.greedy(ids[0].tolist(), steps), layers, weight_bytes,
-                  reference)
+    def load() -> Run:
+        genai = Genai(directory, threads, share_buffer)
+        return lambda ids, steps: genai.greedy(ids[0].tolist(), steps)
+
+    return Engine(label, graph, load, layers, weight_bytes, reference, session=load())
 
 
 def median(values: list[float]) -> float:
@@ -238,6 +269,9 @@ def main() -> None:
     parser.add_argument("--no-int4", action="store_true", help="leave out the --quantize int4 export")
     parser.add_argument("--no-builder", action="store_true", help="leave out the reference builder's export")
     parser.add_argument("--no-wide", action="store_true", help="leave out the wide-block model")
+    parser.add_argument("--keep-sessions", action="store_true",
+                        help="measure every round in the engine's first session (faster; by default each round "
+                             "makes new sessions: a session's memory placement sets its MatMul speed)")
     parser.add_argument("--no-traced", action="store_true",
                         help="leave out surgery's traced graph (--no-fuse), the fused graph's baseline")
     args = parser.parse_args()
@@ -307,15 +341,16 @@ def main() -> None:
                                                              engines["runner, wide"].layers, wide_bytes, "runner, wide")
 
         ids = np.random.default_rng(0).integers(100, 40_000, (1, args.prompt)).astype(np.int64)
-        for engine in engines.values():  # warm-up every engine
-            engine.run(ids, 4)
+        for engine in engines.values():  # warm-up every engine's first session
+            if engine.session is not None:
+                engine.session(ids, 4)
         order = list(engines)
         for round_ in range(args.repeat):
             tokens: dict[str, list[int]] = {}
             turn = (round_ // 2) % len(order)
             rotated = order[turn:] + order[:turn]  # each engine first in turn, and every other round backwards:
             for key in rotated if round_ % 2 == 0 else rotated[::-1]:  # each side of a pair first as often
-                speed, tokens[key] = engines[key].run(ids, args.decode)
+                speed, tokens[key] = engines[key].measure(ids, args.decode, fresh=not args.keep_sessions)
                 engines[key].speeds.append(speed)
                 sys.stderr.write(f"  {name} round {round_ + 1} {key}: decode {speed:.1f} tok/s\n")
             for key, engine in engines.items():
@@ -323,7 +358,7 @@ def main() -> None:
                     pairs = list(zip(tokens[key], tokens[engine.reference], strict=False))
                     engine.agreement.append(sum(a == b for a, b in pairs) / max(1, len(pairs)))
         for engine in engines.values():  # the sessions go; the figures stay
-            engine.run = None  # type: ignore[assignment]
+            engine.session = None
         results.append((name, engines))
         bandwidth = max(bandwidth, read_bandwidth(args.threads))  # again after the runs: the best is the machine's
 
