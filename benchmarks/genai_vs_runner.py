@@ -39,8 +39,9 @@ What it measures
     sessions of the builder's pruned graph in one process, interleaved: the same MatMuls 6-10% apart), so a
     figure from one session measures its placement as much as its graph; fresh sessions sample placements.
     All engines of a model (the wide ones with the full model) run in one round-robin, the two sides of every
-    target next to each other: every other round starts one engine later, and the rounds between run the same
-    order backwards (so each side of a pair runs first in half the rounds); the figures are the best of
+    target next to each other (onnxruntime-genai's three: the builder's between surgery's two): every other round
+    starts one group later, and the rounds between run the same order backwards (so with an even ``--repeat``
+    each side of a pair runs first in half the rounds); the figures are the best of
     ``--repeat`` rounds (a machine shared with other jobs only ever makes a run slower), and the median is
     printed too.
     Every target also gets its paired ratio: the median, over the rounds, of the two engines' speeds in the same
@@ -58,7 +59,7 @@ Targets (issue 16; printed as PASS/MISS; the script exits 0 either way: it is a 
     * the wide-block model's decode against the unmerged model's, per engine and graph: the ratio, no target.
 
 How to run (needs ``pip install 'layer-surgery[genai]'``)
-    python benchmarks/genai_vs_runner.py                         # 1 thread, 5 rounds
+    python benchmarks/genai_vs_runner.py                         # 1 thread, 6 rounds
     python benchmarks/genai_vs_runner.py --workdir /tmp/genai-bench   # reuse the exports next time
     python benchmarks/genai_vs_runner.py --no-int4 --no-builder --no-wide   # the four fp32 surgery-graph engines
 """
@@ -262,7 +263,7 @@ def median(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both engines (default 1)")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument("--repeat", type=int, default=6, help="rounds (default 6; even, so each order runs as often)")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     parser.add_argument("--decode", type=int, default=128, help="decode steps per round (default 128)")
     parser.add_argument("--workdir", type=Path, help="where the exports go (default: a temporary directory)")
@@ -302,7 +303,6 @@ def main() -> None:
         wide = None if args.no_wide or drop is not None else export_wide(source, workdir, short)
         fp32_bytes = checkpoint_weight_bytes(checkpoint)
 
-        # Inserted so that the two sides of each target run one after the other in every round.
         engines: dict[str, Engine] = {}
         engines["runner"] = runner_engine(plain, args.threads, "plain", fp32_bytes, None)
         layers = engines["runner"].layers
@@ -344,12 +344,16 @@ def main() -> None:
         for engine in engines.values():  # warm-up every engine's first session
             if engine.session is not None:
                 engine.session(ids, 4)
-        order = list(engines)
+        # The sides of each target stay next to each other: the rotation moves whole groups.
+        grouped = [("runner", "runner, builder"), ("genai share", "genai builder", "genai")]
+        groups = [tuple(k for k in group if k in engines) for group in grouped]
+        groups += [(key,) for key in engines if not any(key in group for group in groups)]
         for round_ in range(args.repeat):
             tokens: dict[str, list[int]] = {}
-            turn = (round_ // 2) % len(order)
-            rotated = order[turn:] + order[:turn]  # each engine first in turn, and every other round backwards:
-            for key in rotated if round_ % 2 == 0 else rotated[::-1]:  # each side of a pair first as often
+            turn = (round_ // 2) % len(groups)
+            rotated = groups[turn:] + groups[:turn]  # each group first in turn, and every other round backwards:
+            order = [key for group in rotated for key in group]
+            for key in order if round_ % 2 == 0 else order[::-1]:  # each side of a pair first as often
                 speed, tokens[key] = engines[key].measure(ids, args.decode, fresh=not args.keep_sessions)
                 engines[key].speeds.append(speed)
                 sys.stderr.write(f"  {name} round {round_ + 1} {key}: decode {speed:.1f} tok/s\n")

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporters.onnx_fusion import FusionReport, fuse_decoder, rotary_cache
+from exporters.onnx_fusion import FusionReport, fuse_decoder, register_constant, rotary_cache
 from exporters.onnx_model import _Loaded, left_padded_positions
 from exporters.onnx_session import ROTARY_AT_CACHE_SLOTS
 from surgery.compat import output_cache, with_cache
@@ -333,39 +333,40 @@ def _share_buffer_ready(graph: Any) -> bool:
             return False
         concats.append((present, concat))
 
-    def constant(name: str, values: list[int]) -> Any:
-        tensor = onnx_ir.tensor(np.array(values, dtype=np.int64), name=name)
-        value = onnx_ir.Value(name=name, shape=onnx_ir.Shape([len(values)]), type=onnx_ir.TensorType(onnx_ir.DataType.INT64),
-                              const_value=tensor)
-        graph.register_initializer(value)
-        return value
+    # The pasts something besides their kernel reads (its length, for the mask): each gets a view of its valid part.
+    viewed = [(present, past, [(user, index) for user, index in past.uses() if user is not present.producer()])
+              for present, past in kernels]
+    viewed = [entry for entry in viewed if entry[2]]
+    added: list[Any] = []
+    if concats or viewed:
+        def constant(name: str, values: list[int]) -> Any:
+            return register_constant(graph, name, np.array(values, dtype=np.int64))
 
-    zero, axis, end = constant("share_zero", [0]), constant("share_axis", [2]), constant("share_end", [2**63 - 1])
-    total = onnx_ir.node("Shape", [inputs["attention_mask"]], {"start": 1, "end": 2}, name="share_total_length")
-    sequence = onnx_ir.node("Shape", [inputs["input_ids"]], {"start": 1, "end": 2}, name="share_sequence_length")
-    past_length = onnx_ir.node("Sub", [total.outputs[0], sequence.outputs[0]], name="share_past_length")
-    added = [total, sequence, past_length]
-    for present, concat in concats:
-        past, new = concat.inputs
-        view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
-        full = onnx_ir.node("Concat", [view.outputs[0], new], {"axis": -2}, name=f"{present.name}.full")
-        tail = onnx_ir.node("Slice", [past, total.outputs[0], end, axis], name=f"{present.name}.buffer_tail")
-        for user, index in list(present.uses()):  # attention reads the full cache; the output stays
-            user.replace_input_with(index, full.outputs[0])
-        concat.replace_input_with(0, full.outputs[0])
-        concat.replace_input_with(1, tail.outputs[0])
-        for user, index in list(past.uses()):  # e.g. the past length read from its shape: the valid part's
-            if user is not view and user is not tail:
+        zero, axis = constant("share_zero", [0]), constant("share_axis", [2])
+        total = onnx_ir.node("Shape", [inputs["attention_mask"]], {"start": 1, "end": 2}, name="share_total_length")
+        sequence = onnx_ir.node("Shape", [inputs["input_ids"]], {"start": 1, "end": 2}, name="share_sequence_length")
+        past_length = onnx_ir.node("Sub", [total.outputs[0], sequence.outputs[0]], name="share_past_length")
+        added += [total, sequence, past_length]
+        end = constant("share_end", [2**63 - 1]) if concats else None
+        for present, concat in concats:
+            past, new = concat.inputs
+            view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
+            full = onnx_ir.node("Concat", [view.outputs[0], new], {"axis": -2}, name=f"{present.name}.full")
+            tail = onnx_ir.node("Slice", [past, total.outputs[0], end, axis], name=f"{present.name}.buffer_tail")
+            for user, index in list(present.uses()):  # attention reads the full cache; the output stays
+                user.replace_input_with(index, full.outputs[0])
+            concat.replace_input_with(0, full.outputs[0])
+            concat.replace_input_with(1, tail.outputs[0])
+            for user, index in list(past.uses()):  # e.g. the past length read from its shape: the valid part's
+                if user is not view and user is not tail:
+                    user.replace_input_with(index, view.outputs[0])
+            added += [view, full, tail]
+        # Only these pasts: a view nobody reads would still be computed, a copy of the buffer every step.
+        for present, past, readers in viewed:
+            view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
+            for user, index in readers:
                 user.replace_input_with(index, view.outputs[0])
-        added += [view, full, tail]
-    for present, past in kernels:
-        readers = [(user, index) for user, index in past.uses() if user is not present.producer()]
-        if not readers:  # the kernel alone reads it: no view (it would be a copy of the buffer nobody reads)
-            continue
-        view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
-        for user, index in readers:
-            user.replace_input_with(index, view.outputs[0])
-        added.append(view)
+            added.append(view)
     for present in graph.outputs[1:]:  # every present, either kind: the buffer's length, or past + sequence without one
         _rename_dim(present, 2, "present_sequence_length")
     graph.extend(added)

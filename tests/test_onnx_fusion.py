@@ -228,10 +228,15 @@ def test_share_buffer_reads_only_the_valid_past(exports: Callable[..., OnnxExpor
     result = exports(name, share_buffer=True)
     graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
     read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
-    unread = [node.name for node in graph.node if not any(output in read for output in node.output)]
+    unread = [node.name for node in graph.node if not any(output and output in read for output in node.output)]
     assert unread == []
+    pasts = {value.name for value in graph.input if value.name.startswith("past_key_values.")}
+    kernels = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    read_raw = [name for node in graph.node if node not in kernels for name in node.input if name in pasts]
     views = [node for node in graph.node if node.name.endswith(".past_view")]
-    assert len(views) < 2 * NUM_LAYERS  # only the pasts something besides the kernel reads get a view
+    # besides its kernel, a buffer is read only through its one view, and only the pasts read so have one
+    assert sorted(read_raw) == sorted(view.input[0] for view in views) and len(set(read_raw)) == len(read_raw)
+    assert len(views) < 2 * NUM_LAYERS
     lm = OnnxCausalLM.load(result.out, io_binding=False)
     ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
     mask = np.ones_like(ids)
