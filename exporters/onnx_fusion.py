@@ -75,8 +75,8 @@ def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | N
 
     The module is run at positions ``0 .. positions - 1``, ``positions`` being ``max_position_embeddings`` and
     at least ``MIN_ROTARY_POSITIONS`` (ONNX Runtime's ``RotaryEmbedding`` refuses a position past its cache, while
-    ``transformers`` computes any). None when there is not exactly one module named ``rotary_emb``, when its
-    frequencies depend on the sequence's length (``dynamic``, ``longrope``: one cache cannot hold them), or when
+    ``transformers`` computes any). None when there is not exactly one module named ``rotary_emb`` or it holds one
+    table per layer type (its ``rope_type`` a dict), when its frequencies depend on the sequence's length (``dynamic``, ``longrope``: one cache cannot hold them), or when
     its halves differ (not ``cat(freqs, freqs)``) or it does not cover ``head_dim``.
 
     Args:
@@ -97,7 +97,11 @@ def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | N
     import torch
 
     rotaries = [module for name, module in model.named_modules() if name.endswith("rotary_emb")]
-    if len(rotaries) != 1 or getattr(rotaries[0], "rope_type", "default") in _LENGTH_DEPENDENT_ROPE:
+    if len(rotaries) != 1:
+        return None
+    rope_type = getattr(rotaries[0], "rope_type", "default")
+    # A dict is one table per layer type (Gemma 3's local and global rotary in one module): several tables.
+    if isinstance(rope_type, dict) or rope_type in _LENGTH_DEPENDENT_ROPE:
         return None
     config = model.config.get_text_config()
     positions = max(int(getattr(config, "max_position_embeddings", 0) or 0), MIN_ROTARY_POSITIONS)
@@ -105,7 +109,8 @@ def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | N
     with torch.no_grad():
         try:
             cos, sin = rotaries[0](probe, torch.arange(positions)[None])
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError, AttributeError, KeyError):
+            # a signature or buffers this probe does not know (transformers 5.0's Gemma 3 wants a layer type)
             return None
     cos, sin = cos[0].float().numpy(), sin[0].float().numpy()
     half = head_dim // 2
