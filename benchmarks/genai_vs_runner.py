@@ -41,9 +41,8 @@ What it measures
     All engines of a model (the wide ones with the full model) run in one round-robin, the two sides of every
     target next to each other (onnxruntime-genai's three: the builder's between surgery's two): every other round
     starts one group later, and the rounds between run the same order backwards (so with an even ``--repeat``
-    each side of a pair runs first in half the rounds); the figures are the best of
-    ``--repeat`` rounds (a machine shared with other jobs only ever makes a run slower), and the median is
-    printed too.
+    each side of a pair runs first in half the rounds); the figures are the best of ``--repeat`` rounds (a
+    machine shared with other jobs only ever makes a run slower), and the median is printed too.
     Every target also gets its paired ratio: the median, over the rounds, of the two engines' speeds in the same
     round (measured one after the other, so a slow spell of the machine hits both), with the rounds' range.
 

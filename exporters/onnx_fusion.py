@@ -76,8 +76,8 @@ def rotary_cache(model: Any, head_dim: int) -> tuple[np.ndarray, np.ndarray] | N
     The module is run at positions ``0 .. positions - 1``, ``positions`` being ``max_position_embeddings`` and
     at least ``MIN_ROTARY_POSITIONS`` (ONNX Runtime's ``RotaryEmbedding`` refuses a position past its cache, while
     ``transformers`` computes any). None when there is not exactly one module named ``rotary_emb`` or it holds one
-    table per layer type (its ``rope_type`` a dict), when its frequencies depend on the sequence's length (``dynamic``, ``longrope``: one cache cannot hold them), or when
-    its halves differ (not ``cat(freqs, freqs)``) or it does not cover ``head_dim``.
+    table per layer type (its ``rope_type`` a dict), when its frequencies depend on the sequence's length
+    (``dynamic``, ``longrope``: one cache cannot hold them), or when its halves differ (not ``cat(freqs, freqs)``) or it does not cover ``head_dim``.
 
     Args:
         model: A ``transformers`` decoder (the module tree is searched for ``rotary_emb``).
@@ -336,14 +336,13 @@ def _pack_qkv(graph: Any) -> int:
     return packed
 
 
-def _drop_unread_norm_outputs(graph: Any) -> int:
+def _drop_unread_norm_outputs(graph: Any) -> None:
     """Turn off the normalizations' unread optional outputs (``mean``, ``inv_std_var``; the last one's skip sum), as
     the reference builder writes them: ONNX Runtime computes and allocates every output a node names, read or not
     (measured on pruned SmolLM2: 0.54 against 0.34 ms per decode step for the 38 SkipSimplifiedLayerNormalization).
-    Returns how many outputs were dropped. (onnx_ir's RemoveUnusedNodesPass does this only for standard ONNX
-    operators, by their schemas; these two are ONNX Runtime's.)"""
+    (onnx_ir's RemoveUnusedNodesPass does this only for standard ONNX operators, by their schemas; these two are
+    ONNX Runtime's.)"""
     outputs = frozenset(graph.outputs)
-    dropped = 0
     for node in graph:
         if node.op_type not in ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization") \
                 or node.domain not in ("", "com.microsoft"):
@@ -352,12 +351,10 @@ def _drop_unread_norm_outputs(graph: Any) -> int:
             if node.outputs[index].name and not node.outputs[index].uses() \
                     and node.outputs[index] not in outputs:
                 node.outputs[index].name = ""
-                dropped += 1
         kept = len(node.outputs)
         while kept > 1 and not node.outputs[kept - 1].name and not node.outputs[kept - 1].uses():
             kept -= 1
         node.resize_outputs(kept)
-    return dropped
 
 
 def fuse_decoder(model: Any, cache: tuple[np.ndarray, np.ndarray] | None, dtype: str = "fp32") -> FusionReport:

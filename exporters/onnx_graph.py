@@ -348,9 +348,13 @@ def _share_buffer_ready(graph: Any) -> bool:
         past_length = onnx_ir.node("Sub", [total.outputs[0], sequence.outputs[0]], name="share_past_length")
         added += [total, sequence, past_length]
         end = constant("share_end", [2**63 - 1]) if concats else None
+
+        def past_view(present: Any, past: Any) -> Any:
+            return onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
+
         for present, concat in concats:
             past, new = concat.inputs
-            view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
+            view = past_view(present, past)
             full = onnx_ir.node("Concat", [view.outputs[0], new], {"axis": -2}, name=f"{present.name}.full")
             tail = onnx_ir.node("Slice", [past, total.outputs[0], end, axis], name=f"{present.name}.buffer_tail")
             for user, index in list(present.uses()):  # attention reads the full cache; the output stays
@@ -363,7 +367,7 @@ def _share_buffer_ready(graph: Any) -> bool:
             added += [view, full, tail]
         # Only these pasts: a view nobody reads would still be computed, a copy of the buffer every step.
         for present, past, readers in viewed:
-            view = onnx_ir.node("Slice", [past, zero, past_length.outputs[0], axis], name=f"{present.name}.past_view")
+            view = past_view(present, past)
             for user, index in readers:
                 user.replace_input_with(index, view.outputs[0])
             added.append(view)

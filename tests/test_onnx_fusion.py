@@ -32,6 +32,12 @@ def _op_types(directory: Path) -> Counter[str]:
     return Counter(node.op_type for node in onnx.load(str(directory / "model.onnx"), load_external_data=False).graph.node)
 
 
+def _graph_and_read_names(directory: Path) -> tuple[onnx.GraphProto, set[str]]:
+    """The export's graph (no weights) and every name a node or the graph's outputs read."""
+    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+    return graph, {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+
+
 @pytest.fixture(scope="module")
 def exports(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., OnnxExportResult]:
     """``exports("llama", fuse=False, share_buffer=True)`` -> a validated fp32 export, once per module."""
@@ -66,8 +72,7 @@ def test_every_layer_becomes_fused_kernels(exports: Callable[..., OnnxExportResu
         assert ops[decomposed] == 0, decomposed
     assert ops["SimplifiedLayerNormalization"] == 1 + (2 * NUM_LAYERS if name == "qwen3" else 0)  # + q_norm, k_norm
     # The norms' mean and inv_std_var outputs, read by nobody, are not named (ONNX Runtime would compute them).
-    graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
-    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    graph, read = _graph_and_read_names(result.out)
     norms = [node for node in graph.node if node.op_type.endswith("SimplifiedLayerNormalization")]
     assert all(output == "" for node in norms for output in node.output[1:3])
     assert all(output in read for node in norms for output in node.output if output)
@@ -226,8 +231,7 @@ def test_share_buffer_reads_only_the_valid_past(exports: Callable[..., OnnxExpor
     same logits as the past alone, and the present is the buffer's length. No node's output goes unread (a
     view of a past only the kernel reads would copy the buffer every step for nothing)."""
     result = exports(name, share_buffer=True)
-    graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
-    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    graph, read = _graph_and_read_names(result.out)
     unread = [node.name for node in graph.node if not any(output and output in read for output in node.output)]
     assert unread == []
     pasts = {value.name for value in graph.input if value.name.startswith("past_key_values.")}
