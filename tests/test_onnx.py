@@ -489,8 +489,8 @@ def test_genai_config_only_for_decoders(tiny_onnx: Callable[..., OnnxExportResul
 
 
 @pytest.fixture(scope="module")
-def smol_onnx(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxExportResult:
-    return export_onnx(smollm2_dir, tmp_path_factory.mktemp("smol") / "onnx", quiet=True)
+def smol_onnx(smollm2_dir: Path, module_tmp: Path) -> OnnxExportResult:
+    return export_onnx(smollm2_dir, module_tmp / "smol-onnx", quiet=True)
 
 
 @pytest.mark.real
@@ -513,8 +513,8 @@ def test_smollm2_original(smol_onnx: OnnxExportResult, capsys: pytest.CaptureFix
 
 
 @pytest.fixture(scope="module")
-def smol_pruned(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("smol-pruned") / "m"
+def smol_pruned(smollm2_dir: Path, module_tmp: Path) -> Path:
+    out = module_tmp / "smol-pruned"
     result = surgery.prune(smollm2_dir, out, drop="10-20", quiet=True, onnx=True)
     assert result.onnx is not None
     _assert_validated(result.onnx)
@@ -559,10 +559,10 @@ def test_smollm2_repeated_fp16(smol_pruned: Path, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smol_wide(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, OnnxExportResult]:
+def smol_wide(smollm2_dir: Path, module_tmp: Path) -> tuple[Path, OnnxExportResult]:
     """SmolLM2-135M with layers 10-11 and 12-13 merged into wide blocks, and its validated export
     (--share-buffer: validated like any other, the rewrite is the identity on an ordinary past)."""
-    root = tmp_path_factory.mktemp("smol-wide")
+    root = module_tmp / "smol-wide"
     surgery.parallel(smollm2_dir, root / "wide", groups="10-11,12-13", quiet=True)
     return root / "wide", export_onnx(root / "wide", root / "wide-onnx", quiet=True, trust_remote_code=True,
                                       share_buffer=True)
