@@ -37,7 +37,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from surgery.errors import OptionError, OutputBusyError, OutputChangedError, OutputExistsError, OutputNotOursError
+from surgery.errors import (
+    OptionError,
+    OutOfSpaceError,
+    OutputBusyError,
+    OutputChangedError,
+    OutputExistsError,
+    OutputNotOursError,
+    SurgeryError,
+)
 from surgery.plan import RECIPE_FILENAME
 
 MARKER_FILENAME = ".surgery-staging"
@@ -216,6 +224,7 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     Raises:
         OutputExistsError, OptionError, OutputBusyError: as for :func:`check_output`.
         OutputChangedError: something appeared at ``out``, or replaced it, while the run was writing.
+        OutOfSpaceError: the disk filled while writing (the partial output is removed first).
 
     Example:
         >>> import tempfile, pathlib
@@ -227,17 +236,43 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     """
     _check(out, force=force)
     start = _started.pop(_key(out)) if _key(out) in _started else _identity(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        _remove_stale(out)
-        work = _make_workdir(out)
-        try:
-            content = work / CONTENT_DIRNAME
-            content.mkdir()
-            yield content
-            _publish(content, out, start)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    with _full_disk_explained(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(out):
+            _remove_stale(out)
+            work = _make_workdir(out)
+            try:
+                content = work / CONTENT_DIRNAME
+                content.mkdir()
+                yield content
+                _publish(content, out, start)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _full_disk_explained(out: Path) -> Iterator[None]:
+    """The OS's bare "No space left on device" (a file inside the work directory) becomes one line that
+    names the output, the file system and its free space now that the partial output is gone."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC or isinstance(exc, SurgeryError):
+            raise
+        named = Path(os.fsdecode(exc.filename)) if isinstance(exc.filename, str | bytes | os.PathLike) else None
+        # A file of this run's own (in the work directory beside OUT) is named by OUT's parent; any other by itself.
+        device = out.parent if named is None or named.is_relative_to(out.parent) else named
+        raise OutOfSpaceError(str(out), str(device), _free_bytes(device)) from exc
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system of ``path`` (its nearest existing ancestor), or None if unknown."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            with suppress(OSError):
+                return shutil.disk_usage(candidate).free
+            return None
+    return None
 
 
 def _make_workdir(out: Path) -> Path:

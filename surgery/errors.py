@@ -8,6 +8,8 @@ shown with its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class SurgeryError(Exception):
     """Base of all errors raised on purpose; ``hint`` says how to fix the input."""
@@ -330,6 +332,22 @@ class OutputBusyError(SurgeryError, BlockingIOError):
             f"output {path} is being written by another run (lock {lock} is held)",
             hint="wait for it to finish, or choose another output directory",
         )
+
+
+class OutOfSpaceError(SurgeryError, OSError):
+    """The disk filled while an output was being written (the OS's "No space left on device"); the
+    partial output was removed. ``errno`` stays ``ENOSPC``, so ``except OSError`` still sees it."""
+
+    def __init__(self, path: str, device_path: str, free: int | None) -> None:
+        self.path = path
+        self.device_path = device_path
+        self.free = free
+        now = "" if free is None else f" ({free / 1e9:.1f} GB free there now)"
+        super().__init__(
+            f"no space left on the file system of {device_path} while writing {path}{now}; nothing was written",
+            hint="free space there, or choose an output directory on another file system",
+        )
+        self.errno = errno.ENOSPC
 
 
 class OutputChangedError(SurgeryError, FileExistsError):

@@ -8,6 +8,7 @@ Each test here fails when the protection it names is removed.
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,6 +234,53 @@ def _during_write(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -
         return real(*args, **kwargs)
 
     monkeypatch.setattr(surgery.engine, "write_shards", write_shards)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(
+    tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], force: bool,
+) -> None:
+    import surgery.engine
+    from surgery.errors import OutOfSpaceError
+
+    model, out = tiny_model("llama", max_shard_size=40_000), tmp_path / "out"
+    if force:  # an earlier output that --force would replace: it must survive the failed run whole
+        assert main(["prune", str(model), str(out), "--drop", "1", "-q"]) == 0
+    before = tree(out) if force else {}
+    real = surgery.engine.write_shards
+
+    def write_shards(staging: Path, shards: list[Any], **kwargs: Any) -> None:
+        real(staging, shards[:1], **kwargs)  # part of the model is on disk when the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")  # as os.write raises it: no file name
+
+    monkeypatch.setattr(surgery.engine, "write_shards", write_shards)
+    code = main(["prune", str(model), str(out), "--drop", "2", "-q", *(["--force"] if force else [])])
+    assert_one_line_error(code, capsys.readouterr().err, f"no space left on the file system of {tmp_path} while "
+                          f"writing {out} (", " GB free there now); nothing was written", "another file system")
+    assert tree(out) == before
+    assert sorted(os.listdir(tmp_path)) == (["out"] if force else [])  # no staging directory, no lock file
+    # Through the API it is still an OSError with errno ENOSPC, for pipelines that catch those.
+    with pytest.raises(OSError) as caught:
+        surgery.prune(model, tmp_path / "api-out", drop="2", quiet=True)
+    assert isinstance(caught.value, OutOfSpaceError) and caught.value.errno == errno.ENOSPC
+    assert caught.value.free is not None and caught.value.free > 0
+    assert not (tmp_path / "api-out").exists()
+
+
+def test_a_full_disk_elsewhere_names_that_file_system(tmp_path: Path) -> None:
+    from exporters.staging import staged_output
+    from surgery.errors import OutOfSpaceError
+
+    out, scratch = tmp_path / "models" / "out", tmp_path / "scratch" / "graph.onnx"
+    with pytest.raises(OutOfSpaceError) as caught, staged_output(out, force=False) as staging:
+        (staging / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device", str(scratch))
+    assert caught.value.device_path == str(scratch) and caught.value.path == str(out)
+    assert not out.exists() and os.listdir(out.parent) == []
+    # Any other OSError passes through as it is.
+    with pytest.raises(PermissionError), staged_output(out, force=False):
+        raise PermissionError(errno.EACCES, "Permission denied")
 
 
 @pytest.mark.parametrize("force", [False, True])
