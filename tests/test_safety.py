@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import surgery
 from exporters.staging import MARKER_FILENAME, lock_path
 from surgery.cli import main
+from tests import tiny
 from tests.helpers import ROOT, assert_one_line_error
 from tests.helpers import read_tree as tree
 
@@ -257,7 +259,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_behind(
     monkeypatch.setattr(surgery.engine, "write_shards", write_shards)
     code = main(["prune", str(model), str(out), "--drop", "2", "-q", *(["--force"] if force else [])])
     assert_one_line_error(code, capsys.readouterr().err, f"no space left on the file system of {tmp_path} while "
-                          f"writing {out} (", " GB free there now); nothing was written", "another file system")
+                          f"writing {out} (", "B free there now); nothing was written", "another file system")
     assert tree(out) == before
     assert sorted(os.listdir(tmp_path)) == (["out"] if force else [])  # no staging directory, no lock file
     # Through the API it is still an OSError with errno ENOSPC, for pipelines that catch those.
@@ -278,9 +280,52 @@ def test_a_full_disk_elsewhere_names_that_file_system(tmp_path: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(scratch))
     assert caught.value.device_path == str(scratch) and caught.value.path == str(out)
     assert not out.exists() and os.listdir(out.parent) == []
+    # safetensors says it as a Rust error (no OSError, no file name): the file system of OUT's directory.
+    with pytest.raises(OutOfSpaceError) as caught, staged_output(out, force=False):
+        raise _safetensors_disk_full()
+    assert caught.value.device_path == str(out.parent) and os.listdir(out.parent) == []
     # Any other OSError passes through as it is.
     with pytest.raises(PermissionError), staged_output(out, force=False):
         raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def _safetensors_disk_full() -> Exception:
+    """What safetensors 0.8 raised on a full 2 MB tmpfs (its Rust I/O error, not an OSError)."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_which_errors_are_a_full_disk() -> None:
+    from surgery.errors import OutOfSpaceError, is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(_safetensors_disk_full())
+    assert not is_disk_full(OSError(errno.EIO, "Input/output error"))
+    assert not is_disk_full(ValueError("no space in this name"))
+    assert not is_disk_full(OutOfSpaceError("out", ".", 0))  # already explained: passed on as it is
+
+
+def test_a_full_disk_while_converting_into_the_cache_names_surgery_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import safetensors.torch
+
+    model = tiny.build("llama")
+    src, cache = tmp_path / "pickled", tmp_path / "cache"
+    src.mkdir()
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    monkeypatch.setenv("SURGERY_CACHE", str(cache))
+
+    def save_file(*args: Any, **kwargs: Any) -> None:
+        raise _safetensors_disk_full()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    code = main(["prune", str(src), str(tmp_path / "out"), "--drop", "1", "--allow-pickle", "-q"])
+    assert_one_line_error(code, capsys.readouterr().err, f"no space left on the file system of {cache / 'pickle'}",
+                          "nothing was written", "set SURGERY_CACHE to a directory on another file system")
+    assert os.listdir(cache / "pickle") == [] and not (tmp_path / "out").exists()  # no partial conversion
 
 
 @pytest.mark.parametrize("force", [False, True])
