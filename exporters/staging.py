@@ -264,17 +264,7 @@ def _full_disk_explained(out: Path) -> Iterator[None]:
         named = Path(os.fsdecode(filename)) if isinstance(filename, str | bytes | os.PathLike) else None
         # A file of this run's own (in the work directory beside OUT) is named by OUT's parent; any other by itself.
         device = out.parent if named is None or named.is_relative_to(out.parent) else named
-        raise OutOfSpaceError(str(out), str(device), _free_bytes(device)) from exc
-
-
-def _free_bytes(path: Path) -> int | None:
-    """Free bytes on the file system of ``path`` (its nearest existing ancestor), or None if unknown."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            with suppress(OSError):
-                return shutil.disk_usage(candidate).free
-            return None
-    return None
+        raise OutOfSpaceError.measured(str(out), device) from exc
 
 
 def _make_workdir(out: Path) -> Path:

@@ -9,6 +9,9 @@ shown with its traceback.
 from __future__ import annotations
 
 import errno
+import shutil
+from contextlib import suppress
+from pathlib import Path
 
 
 class SurgeryError(Exception):
@@ -349,6 +352,17 @@ class OutOfSpaceError(SurgeryError, OSError):
             hint=hint,
         )
         self.errno = errno.ENOSPC
+
+    @classmethod
+    def measured(cls, path: str, device_path: Path, **kwargs: str) -> OutOfSpaceError:
+        """The error with the free space of ``device_path``'s file system measured now (at its nearest
+        existing ancestor; None if that cannot be read)."""
+        free = None
+        existing = next((p for p in (device_path, *device_path.parents) if p.exists()), None)
+        if existing is not None:
+            with suppress(OSError):
+                free = shutil.disk_usage(existing).free
+        return cls(path, str(device_path), free, **kwargs)
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -26,7 +26,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -319,11 +319,8 @@ def _converting(target: Path) -> Iterator[Path]:
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if is_disk_full(exc):
-            free = None
-            with suppress(OSError):
-                free = shutil.disk_usage(target.parent).free
-            raise OutOfSpaceError(str(target), str(target.parent), free,
-                                  hint="free space there, or set SURGERY_CACHE to a directory on another file system") from exc
+            raise OutOfSpaceError.measured(str(target), target.parent, hint="free space there, or set "
+                                           "SURGERY_CACHE to a directory on another file system") from exc
         raise
     try:
         staging.rename(target)
