@@ -355,8 +355,20 @@ class OutOfSpaceError(SurgeryError, OSError):
 
     @classmethod
     def measured(cls, path: str, device_path: Path, **kwargs: str) -> OutOfSpaceError:
-        """The error with the free space of ``device_path``'s file system measured now (at its nearest
-        existing ancestor; None if that cannot be read)."""
+        """The error with the free space of ``device_path``'s file system measured now.
+
+        Args:
+            path: what was being written (the output, or the cache entry).
+            device_path: a path on the file system that filled; measured at its nearest existing ancestor.
+            **kwargs: ``hint``, to replace the default fix.
+
+        Returns:
+            The error, ``free`` None if the file system's usage cannot be read.
+
+        Example:
+            >>> OutOfSpaceError.measured("out/x", Path("/")).errno
+            28
+        """
         free = None
         existing = next((p for p in (device_path, *device_path.parents) if p.exists()), None)
         if existing is not None:
@@ -366,9 +378,19 @@ class OutOfSpaceError(SurgeryError, OSError):
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is the OS's "No space left on device" not yet explained: an ``OSError`` with errno
-    ENOSPC, or the same error as a Rust library reports it (safetensors' ``SafetensorError`` says
-    "... (os error 28)", and is no ``OSError``)."""
+    """Whether ``exc`` is the OS's "No space left on device", not yet explained by an :class:`OutOfSpaceError`.
+
+    Args:
+        exc: any exception.
+
+    Returns:
+        True for an ``OSError`` with errno ENOSPC, and for the same error as a Rust library reports it
+        (safetensors' ``SafetensorError`` says "... (os error 28)", and is no ``OSError``).
+
+    Example:
+        >>> is_disk_full(OSError(28, "No space left on device")), is_disk_full(OSError(5, "I/O error"))
+        (True, False)
+    """
     if isinstance(exc, SurgeryError):
         return False
     if isinstance(exc, OSError):
